@@ -1,0 +1,8 @@
+//! asagi-gguf: converter and ggml runtime for the Asagi Japanese vision-language models.
+//!
+//! The safe ggml layer is the `ggml` crate (vendor/ggml), re-exported here; the converter library is the
+//! `asagi-convert` crate (convert/).
+
+pub use ggml;
+
+pub mod info;

@@ -1,0 +1,32 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A random generator with a fresh seed each run (or `ASAGI_TEST_SEED`), and the seed to print on failure.
+pub fn rng() -> (StdRng, u64) {
+    let seed = std::env::var("ASAGI_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    (StdRng::seed_from_u64(seed), seed)
+}
+
+/// `n` values uniform in [-1, 1).
+pub fn uniform(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
+
+/// sqrt(Σ(a-b)²) / sqrt(Σb²).
+pub fn rel_rms(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+/// max |a-b|.
+pub fn max_abs(a: &[f32], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
+}

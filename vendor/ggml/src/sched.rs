@@ -1,0 +1,104 @@
+//! `Scheduler`: ggml's backend scheduler over one or more backends (GPU first, CPU last). It splits a graph
+//! between backends, allocates the graph's intermediate tensors in its own buffers and runs it.
+
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use crate::{sys, Backend, Error, Graph, Pod, Result, Tensor};
+
+/// Owner of a `ggml_backend_sched`, borrowing its backends.
+pub struct Scheduler<'b> {
+    raw: NonNull<sys::ggml_backend_sched>,
+    _backends: PhantomData<&'b Backend>,
+}
+
+impl<'b> Scheduler<'b> {
+    /// A scheduler over `backends` in priority order (the CPU backend must be last) for graphs of up to
+    /// `graph_size` nodes.
+    pub fn new(backends: &[&'b Backend], graph_size: usize) -> Result<Scheduler<'b>> {
+        if backends.is_empty() || !backends.last().unwrap().is_cpu() {
+            return Err(Error::Backend("the scheduler needs the CPU backend last".into()));
+        }
+        let mut raw: Vec<sys::ggml_backend_t> = backends.iter().map(|b| b.as_ptr()).collect();
+        // SAFETY: `raw` holds live backends (borrowed for 'b, longer than the scheduler); null buffer types mean
+        // each backend's default; ggml copies the array.
+        let s = unsafe {
+            sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, graph_size, false, true)
+        };
+        Ok(Scheduler { raw: NonNull::new(s).ok_or(Error::OutOfMemory("ggml_backend_sched_new"))?, _backends: PhantomData })
+    }
+
+    fn as_ptr(&self) -> *mut sys::ggml_backend_sched {
+        self.raw.as_ptr()
+    }
+
+    /// Reserves buffers large enough for `graph` (call with the largest graph to avoid reallocations).
+    pub fn reserve(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // SAFETY: valid scheduler and graph.
+        let ok = unsafe { sys::ggml_backend_sched_reserve(self.as_ptr(), graph.as_ptr()) };
+        ok.then_some(()).ok_or(Error::OutOfMemory("ggml_backend_sched_reserve"))
+    }
+
+    /// Assigns backends to the graph's nodes and allocates its tensors; inputs can be written afterwards.
+    pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // SAFETY: valid scheduler and graph; resetting first drops the previous graph's assignments.
+        let ok = unsafe {
+            sys::ggml_backend_sched_reset(self.as_ptr());
+            sys::ggml_backend_sched_alloc_graph(self.as_ptr(), graph.as_ptr())
+        };
+        ok.then_some(()).ok_or(Error::OutOfMemory("ggml_backend_sched_alloc_graph"))
+    }
+
+    /// Runs an allocated graph to completion.
+    pub fn compute(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // SAFETY: valid scheduler and a graph it allocated (ggml allocates it if not).
+        let status = unsafe { sys::ggml_backend_sched_graph_compute(self.as_ptr(), graph.as_ptr()) };
+        if status == sys::GGML_STATUS_SUCCESS {
+            Ok(())
+        } else {
+            Err(Error::Compute(status as i32))
+        }
+    }
+
+    /// Number of parts the last graph was split into (1 = ran on a single backend).
+    pub fn n_splits(&self) -> usize {
+        // SAFETY: valid scheduler.
+        unsafe { sys::ggml_backend_sched_get_n_splits(self.as_ptr()) as usize }
+    }
+
+    /// True if `t` belongs to the graph this scheduler allocated last and has memory.
+    fn holds(&self, t: Tensor<'_>) -> bool {
+        // SAFETY: a hash lookup by pointer value in the scheduler's tables; `t` is live.
+        let backend = unsafe { sys::ggml_backend_sched_get_tensor_backend(self.as_ptr(), t.as_ptr()) };
+        !backend.is_null() && !t.data_ptr().is_null() && !t.raw_buffer().is_null()
+    }
+
+    /// Writes `data` into the graph input `t` (after `alloc`).
+    pub fn write<T: Pod>(&self, t: Tensor<'_>, data: &[T]) -> Result<()> {
+        let bytes = std::mem::size_of_val(data);
+        if !self.holds(t) {
+            return Err(Error::NotAllocated(t.name()));
+        }
+        if bytes != t.nbytes() {
+            return Err(Error::Size { tensor: t.name(), expected: t.nbytes(), got: bytes });
+        }
+        // SAFETY: t is allocated in a buffer of this live scheduler; data has exactly nbytes(t) bytes.
+        unsafe { sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr().cast(), 0, bytes) };
+        Ok(())
+    }
+
+    /// Reads a tensor of the last computed graph (mark it `set_output` so its memory is not reused).
+    pub fn read<T: Pod>(&self, t: Tensor<'_>) -> Result<Vec<T>> {
+        if !self.holds(t) {
+            return Err(Error::NotAllocated(t.name()));
+        }
+        crate::tensor::read_tensor(t)
+    }
+}
+
+impl Drop for Scheduler<'_> {
+    fn drop(&mut self) {
+        // SAFETY: we own the scheduler; its backends are still alive ('b).
+        unsafe { sys::ggml_backend_sched_free(self.raw.as_ptr()) }
+    }
+}
