@@ -5,4 +5,5 @@
 
 pub use ggml;
 
+pub mod convert_cmd;
 pub mod info;

@@ -14,6 +14,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
+    Convert(asagi_gguf::convert_cmd::ConvertArgs),
     /// Print a GGUF file's metadata and tensor table.
     Info {
         /// The GGUF file.
@@ -25,6 +27,7 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Convert(args) => asagi_gguf::convert_cmd::run(args)?,
         Command::Info { file } => print!("{}", asagi_gguf::info::report(&file)?),
         Command::SystemInfo => {
             println!("ggml {}", ggml::version());

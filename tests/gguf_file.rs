@@ -55,7 +55,7 @@ fn write_sample(dir: &std::path::Path) -> (std::path::PathBuf, Vec<(String, Type
     }
     let path = dir.join("sample.gguf");
     let mut f = std::fs::File::create(&path).unwrap();
-    w.write(&mut f, |i, _| Ok(tensors[i].3.clone())).unwrap();
+    w.write(&mut f, |i, _, sink| sink.write_all(&tensors[i].3)).unwrap();
     f.flush().unwrap();
     (path, tensors)
 }

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod fixtures;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

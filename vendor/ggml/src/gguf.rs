@@ -570,30 +570,52 @@ impl GgufWriter {
         }
     }
 
-    /// Writes the file to `out`: the header, then for each tensor in order the bytes returned by `data(i, name)`
-    /// (which must be exactly the tensor's size), each padded to the alignment.
+    /// Writes the file to `out`: the header, then for each tensor in order whatever `data(i, name, sink)` writes
+    /// to `sink` (exactly the tensor's size, checked), each tensor padded to the alignment. Tensor data is produced
+    /// and written piece by piece, so no tensor needs to be held whole. Returns the bytes written.
     pub fn write<W: Write>(
         &self,
         out: &mut W,
-        mut data: impl FnMut(usize, &str) -> std::result::Result<Vec<u8>, Box<dyn std::error::Error + Send + Sync>>,
-    ) -> std::result::Result<u64, Box<dyn std::error::Error + Send + Sync>> {
+        mut data: impl FnMut(usize, &str, &mut dyn Write) -> std::io::Result<()>,
+    ) -> std::io::Result<u64> {
         let header = self.header_bytes();
         out.write_all(&header)?;
         let mut written = header.len() as u64;
         // SAFETY: valid context.
         let align = unsafe { sys::gguf_get_alignment(self.as_ptr()) } as u64;
         for (i, name) in self.order.iter().enumerate() {
-            let bytes = data(i, name)?;
-            if bytes.len() != self.tensor_size(i) {
-                return Err(format!("tensor {name}: {} bytes produced, {} expected", bytes.len(), self.tensor_size(i)).into());
+            let mut sink = Counting { inner: &mut *out, n: 0 };
+            data(i, name, &mut sink)?;
+            let n = sink.n;
+            if n != self.tensor_size(i) as u64 {
+                return Err(std::io::Error::other(format!(
+                    "tensor {name}: {n} bytes produced, {} expected",
+                    self.tensor_size(i)
+                )));
             }
-            out.write_all(&bytes)?;
-            written += bytes.len() as u64;
+            written += n;
             let pad = (align - written % align) % align;
             out.write_all(&vec![0u8; pad as usize])?;
             written += pad;
         }
         Ok(written)
+    }
+}
+
+/// A writer that counts what passes through.
+struct Counting<'a, W: Write> {
+    inner: &'a mut W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let k = self.inner.write(buf)?;
+        self.n += k as u64;
+        Ok(k)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
