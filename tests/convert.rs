@@ -5,33 +5,14 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use asagi_convert::{Checkpoint, LlmType, MmprojType, Options};
+use asagi_convert::{Checkpoint, LlmType, MmprojType};
+use common::conversion::{convert, options};
 use common::fixtures;
 use ggml::gguf::{GgufFile, Value};
 use ggml::Type;
-
-pub fn options(dir: &Path, out: &Path, ty: LlmType, mm: MmprojType) -> Options {
-    Options {
-        model_dir: dir.to_path_buf(),
-        outtype: ty,
-        mmproj_outtype: mm,
-        outfile: Some(out.join(format!("llm-{}.gguf", ty.name()))),
-        mmproj_outfile: Some(out.join(format!("mmproj-{}.gguf", mm.name()))),
-        force: true,
-        threads: 2,
-        progress: false,
-    }
-}
-
-pub fn convert(dir: &Path, out: &Path, ty: LlmType, mm: MmprojType) -> anyhow::Result<(PathBuf, PathBuf)> {
-    let opts = options(dir, out, ty, mm);
-    let c = asagi_convert::plan(&opts)?;
-    asagi_convert::write(&c, &opts, &AtomicBool::new(false))?;
-    Ok((opts.outfile.unwrap(), opts.mmproj_outfile.unwrap()))
-}
 
 /// A checkpoint tensor as f32, row-major.
 fn source(ckpt: &Checkpoint, name: &str) -> (Vec<usize>, Vec<f32>) {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+pub mod conversion;
 pub mod fixtures;
 
 use rand::rngs::StdRng;
