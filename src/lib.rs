@@ -7,3 +7,4 @@ pub use ggml;
 
 pub mod convert_cmd;
 pub mod info;
+pub mod synth;

@@ -16,6 +16,21 @@ struct Cli {
 enum Command {
     /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
     Convert(asagi_gguf::convert_cmd::ConvertArgs),
+    /// Write a random-weight Hugging Face Asagi checkpoint of a real size (or a tiny one), for benchmarks and demos.
+    Synth {
+        /// 2b, 4b, 8b, 14b or tiny.
+        #[arg(long, default_value = "tiny")]
+        size: String,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write into a non-empty folder.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print a GGUF file's metadata and tensor table.
     Info {
         /// The GGUF file.
@@ -28,6 +43,12 @@ enum Command {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(args) => asagi_gguf::convert_cmd::run(args)?,
+        Command::Synth { size, out, seed, force } => {
+            let t0 = std::time::Instant::now();
+            let s = asagi_gguf::synth::size(&size)?;
+            let bytes = asagi_gguf::synth::write(&s, &out, seed, force)?;
+            eprintln!("wrote {} ({} bf16 checkpoint, {:.2} GB) in {:.1} s", out.display(), s.name, bytes as f64 / 1e9, t0.elapsed().as_secs_f64());
+        }
         Command::Info { file } => print!("{}", asagi_gguf::info::report(&file)?),
         Command::SystemInfo => {
             println!("ggml {}", ggml::version());

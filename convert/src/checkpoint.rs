@@ -50,6 +50,7 @@ impl SourceTensor {
 
 /// All tensors of a checkpoint folder.
 pub struct Checkpoint {
+    dir: PathBuf,
     shards: Vec<MappedFile>,
     tensors: BTreeMap<String, SourceTensor>,
 }
@@ -63,8 +64,12 @@ impl Checkpoint {
         let mut tensors = BTreeMap::new();
         for (i, path) in files.iter().enumerate() {
             let map = MappedFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-            let (header_len, meta) = SafeTensors::read_metadata(map.bytes())
-                .map_err(|e| anyhow!("{}: not a valid safetensors file ({e:?})", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(map.bytes()).map_err(|e| match e {
+                safetensors::SafeTensorError::MetadataIncompleteBuffer => {
+                    anyhow!("{}: truncated (shorter than its header says)", path.display())
+                }
+                e => anyhow!("{}: not a valid safetensors file ({e:?})", path.display()),
+            })?;
             let data_start = 8 + header_len;
             for (name, info) in meta.tensors() {
                 let dtype = match info.dtype {
@@ -85,7 +90,7 @@ impl Checkpoint {
             map.advise_sequential();
             shards.push(map);
         }
-        Ok(Checkpoint { shards, tensors })
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, tensors })
     }
 
     /// All tensors by name.
@@ -95,7 +100,7 @@ impl Checkpoint {
 
     /// The tensor called `name`.
     pub fn get(&self, name: &str) -> Result<&SourceTensor> {
-        self.tensors.get(name).ok_or_else(|| anyhow!("checkpoint has no tensor {name}"))
+        self.tensors.get(name).ok_or_else(|| anyhow!("{}: the checkpoint has no tensor {name}", self.dir.display()))
     }
 
     /// The shard file holding `t`.

@@ -1,0 +1,227 @@
+//! `asagi-gguf synth`: a random-weight Hugging Face Asagi checkpoint with the real shapes, config, tokenizer files
+//! and preprocessor config, which `convert` accepts like a real one. For benchmarks and `demo`: values do not
+//! change speed. Written streaming (bf16 safetensors, sharded like the hub's), so it needs little memory.
+
+mod safetensors_out;
+mod tokenizer;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+
+pub use safetensors_out::ShardedWriter;
+
+/// Shapes of one Asagi size. The language models are llm-jp-3's (`text_config`), the vision tower is SigLIP
+/// so400m-patch14-384 in all sizes, the projector's hidden width is the text width (2B/4B) or twice it (8B/14B,
+/// "expand-projector"; see ../shared/spec/asagi-model.md §2).
+#[derive(Clone, Copy, Debug)]
+pub struct Size {
+    pub name: &'static str,
+    pub hidden: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub ffn: usize,
+    pub projector: usize,
+    /// Tokenizer entries (base vocabulary + `<image>` + `<pad>`); the embedding has `vocab_rows` rows.
+    pub tokenizer_len: usize,
+    pub vocab_rows: usize,
+    pub v_hidden: usize,
+    pub v_layers: usize,
+    pub v_heads: usize,
+    pub v_ffn: usize,
+    pub image_size: usize,
+    pub max_positions: usize,
+}
+
+const SIGLIP: (usize, usize, usize, usize, usize) = (1152, 27, 16, 4304, 384);
+
+const fn asagi(name: &'static str, hidden: usize, n_layer: usize, n_head: usize, ffn: usize, projector: usize) -> Size {
+    Size {
+        name,
+        hidden,
+        n_layer,
+        n_head,
+        ffn,
+        projector,
+        tokenizer_len: 99_576,
+        vocab_rows: 99_584,
+        v_hidden: SIGLIP.0,
+        v_layers: SIGLIP.1,
+        v_heads: SIGLIP.2,
+        v_ffn: SIGLIP.3,
+        image_size: SIGLIP.4,
+        max_positions: 4096,
+    }
+}
+
+pub const SIZES: &[Size] = &[
+    asagi("2b", 2048, 24, 16, 7168, 2048),
+    asagi("4b", 3072, 28, 24, 8192, 3072),
+    asagi("8b", 4096, 32, 32, 11008, 8192),
+    asagi("14b", 5120, 40, 40, 13824, 10240),
+    // A few MB: what `demo` runs. Same structure; the vision FFN (144) is not a multiple of 32, as SigLIP's 4304.
+    Size {
+        name: "tiny",
+        hidden: 256,
+        n_layer: 2,
+        n_head: 4,
+        ffn: 512,
+        projector: 256,
+        tokenizer_len: 2_000,
+        vocab_rows: 2_048,
+        v_hidden: 64,
+        v_layers: 3,
+        v_heads: 4,
+        v_ffn: 144,
+        image_size: 56,
+        max_positions: 1024,
+    },
+];
+
+/// The size called `name`.
+pub fn size(name: &str) -> Result<Size> {
+    SIZES.iter().copied().find(|s| s.name.eq_ignore_ascii_case(name)).with_context(|| {
+        format!("unknown size {name:?}; one of {}", SIZES.iter().map(|s| s.name).collect::<Vec<_>>().join(", "))
+    })
+}
+
+/// The tensors of a checkpoint of size `s`: HF name, PyTorch shape, and whether it is a norm weight (ones).
+pub fn tensors(s: &Size) -> Vec<(String, Vec<usize>, bool)> {
+    let mut t: Vec<(String, Vec<usize>, bool)> = Vec::new();
+    let (h, vh) = (s.hidden, s.v_hidden);
+    let mut add = |name: String, shape: Vec<usize>, ones: bool| t.push((name, shape, ones));
+    let v = "vision_tower.vision_model.";
+    add(format!("{v}embeddings.patch_embedding.weight"), vec![vh, 3, 14, 14], false);
+    add(format!("{v}embeddings.patch_embedding.bias"), vec![vh], false);
+    add(format!("{v}embeddings.position_embedding.weight"), vec![(s.image_size / 14).pow(2), vh], false);
+    for i in 0..s.v_layers {
+        let l = format!("{v}encoder.layers.{i}.");
+        for ln in ["layer_norm1", "layer_norm2"] {
+            add(format!("{l}{ln}.weight"), vec![vh], true);
+            add(format!("{l}{ln}.bias"), vec![vh], false);
+        }
+        for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+            add(format!("{l}self_attn.{p}.weight"), vec![vh, vh], false);
+            add(format!("{l}self_attn.{p}.bias"), vec![vh], false);
+        }
+        add(format!("{l}mlp.fc1.weight"), vec![s.v_ffn, vh], false);
+        add(format!("{l}mlp.fc1.bias"), vec![s.v_ffn], false);
+        add(format!("{l}mlp.fc2.weight"), vec![vh, s.v_ffn], false);
+        add(format!("{l}mlp.fc2.bias"), vec![vh], false);
+    }
+    // Kept in the checkpoint (as in Asagi's), dropped by the converter.
+    add(format!("{v}post_layernorm.weight"), vec![vh], true);
+    add(format!("{v}post_layernorm.bias"), vec![vh], false);
+    add(format!("{v}head.probe"), vec![1, 1, vh], false);
+    add("multi_modal_projector.linear_1.weight".into(), vec![s.projector, vh], false);
+    add("multi_modal_projector.linear_1.bias".into(), vec![s.projector], false);
+    add("multi_modal_projector.linear_2.weight".into(), vec![h, s.projector], false);
+    add("multi_modal_projector.linear_2.bias".into(), vec![h], false);
+    let m = "language_model.model.";
+    add(format!("{m}embed_tokens.weight"), vec![s.vocab_rows, h], false);
+    for i in 0..s.n_layer {
+        let l = format!("{m}layers.{i}.");
+        add(format!("{l}input_layernorm.weight"), vec![h], true);
+        for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            add(format!("{l}self_attn.{p}.weight"), vec![h, h], false);
+        }
+        add(format!("{l}post_attention_layernorm.weight"), vec![h], true);
+        add(format!("{l}mlp.gate_proj.weight"), vec![s.ffn, h], false);
+        add(format!("{l}mlp.up_proj.weight"), vec![s.ffn, h], false);
+        add(format!("{l}mlp.down_proj.weight"), vec![h, s.ffn], false);
+    }
+    add(format!("{m}norm.weight"), vec![h], true);
+    add("language_model.lm_head.weight".into(), vec![s.vocab_rows, h], false);
+    t
+}
+
+/// Writes the checkpoint of size `s` into `out` (created; must be empty or absent unless `force`).
+pub fn write(s: &Size, out: &Path, seed: u64, force: bool) -> Result<u64> {
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() && !force {
+        bail!("{} exists and is not empty (use --force)", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let image_token = s.tokenizer_len - 2;
+    let pad_token = s.tokenizer_len - 1;
+    let config = json!({
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "ignore_index": -100,
+        "image_token_index": image_token,
+        "pad_token_id": pad_token,
+        "projector_hidden_act": "gelu",
+        "projector_hidden_size": s.projector,
+        "tie_word_embeddings": false,
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "torch_dtype": "bfloat16",
+        "text_config": {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "hidden_size": s.hidden, "num_hidden_layers": s.n_layer, "num_attention_heads": s.n_head,
+            "num_key_value_heads": s.n_head, "intermediate_size": s.ffn, "hidden_act": "silu",
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "rope_scaling": null,
+            "max_position_embeddings": s.max_positions, "vocab_size": s.vocab_rows,
+            "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": false,
+            "attention_bias": false, "mlp_bias": false, "torch_dtype": "bfloat16"
+        },
+        "vision_config": {
+            "model_type": "siglip_vision_model", "hidden_size": s.v_hidden, "intermediate_size": s.v_ffn,
+            "num_hidden_layers": s.v_layers, "num_attention_heads": s.v_heads, "patch_size": 14,
+            "image_size": s.image_size, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"
+        }
+    });
+    write_json(out, "config.json", &config)?;
+    write_json(out, "generation_config.json", &json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": pad_token}))?;
+    write_json(
+        out,
+        "preprocessor_config.json",
+        &json!({
+            "image_processor_type": "SiglipImageProcessor", "do_resize": true, "do_rescale": true,
+            "do_normalize": true, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
+            "rescale_factor": 1.0 / 255.0, "size": {"height": s.image_size, "width": s.image_size}
+        }),
+    )?;
+    tokenizer::write(out, s.tokenizer_len)?;
+
+    let all = tensors(s);
+    let mut w = ShardedWriter::new(out, 4 << 30);
+    for (name, shape, _) in &all {
+        w.plan(name, shape);
+    }
+    let ones: std::collections::HashSet<&str> = all.iter().filter(|t| t.2).map(|t| t.0.as_str()).collect();
+    let mut rng = Rng(seed | 1);
+    // Small uniform values, like an initialised model; norms are ones.
+    w.write_all(|name, out: &mut [u16]| {
+        if ones.contains(name) {
+            out.fill(half::bf16::ONE.to_bits());
+        } else {
+            for v in out.iter_mut() {
+                *v = rng.bf16(0.03);
+            }
+        }
+    })
+}
+
+fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("cannot write {}", p.display()))
+}
+
+/// xorshift64*: fast, portable, good enough for random weights.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A bf16 uniform in [-a, a).
+    fn bf16(&mut self, a: f32) -> u16 {
+        let u = f32::from_bits(0x3f80_0000 | (self.next() >> 41) as u32) - 1.0; // [0, 1)
+        half::bf16::from_f32((u * 2.0 - 1.0) * a).to_bits()
+    }
+}
