@@ -6,5 +6,11 @@
 pub use ggml;
 
 pub mod convert_cmd;
+pub mod generate;
 pub mod info;
+pub mod llm;
+pub mod preprocess;
+pub mod run_cmd;
 pub mod synth;
+pub mod tokenize_cmd;
+pub mod tokenizer;

@@ -16,6 +16,10 @@ struct Cli {
 enum Command {
     /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
     Convert(asagi_gguf::convert_cmd::ConvertArgs),
+    /// Generate text with a language-model GGUF (greedy decoding).
+    Run(asagi_gguf::run_cmd::RunArgs),
+    /// Print the token ids of a text.
+    Tokenize(asagi_gguf::tokenize_cmd::TokenizeArgs),
     /// Write a random-weight Hugging Face Asagi checkpoint of a real size (or a tiny one), for benchmarks and demos.
     Synth {
         /// 2b, 4b, 8b, 14b or tiny.
@@ -43,6 +47,8 @@ enum Command {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(args) => asagi_gguf::convert_cmd::run(args)?,
+        Command::Run(args) => asagi_gguf::run_cmd::run(args)?,
+        Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
         Command::Synth { size, out, seed, force } => {
             let t0 = std::time::Instant::now();
             let s = asagi_gguf::synth::size(&size)?;

@@ -3,6 +3,7 @@
 
 pub mod conversion;
 pub mod fixtures;
+pub mod npy;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

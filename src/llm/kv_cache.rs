@@ -1,0 +1,178 @@
+//! The KV cache: per layer one K and one V tensor of `n_cells` rows, plus the bookkeeping of which sequences
+//! each cell belongs to. Like llama.cpp's unified cache, a cell can belong to several sequences at once, so beams
+//! share their common prefix: copying a sequence, dropping one or reordering beams only relabels cells, and no
+//! K/V data moves.
+
+use anyhow::{bail, Result};
+use ggml::{Backend, Context, Type};
+
+use super::hparams::HParams;
+use super::model::CacheTensors;
+
+/// Sequences are bits of a u64: at most 64 live sequences (beams) at once.
+pub const MAX_SEQ: usize = 64;
+
+/// `n_kv` (the cache prefix a graph attends to) is rounded up to this, so consecutive decode steps build graphs of
+/// the same shape and the scheduler reuses its allocation.
+const N_KV_PAD: usize = 256;
+
+#[derive(Clone, Copy, Default)]
+struct Cell {
+    pos: i32,
+    /// Bit s set: the cell belongs to sequence s. 0 = free.
+    seqs: u64,
+}
+
+pub struct KvCache {
+    ctx: Context,
+    n_layer: usize,
+    cells: Vec<Cell>,
+    ty: Type,
+}
+
+impl KvCache {
+    /// A cache of `n_cells` positions in `ty` (F16 by default; F32 for exact parity; Q8_0 to halve it).
+    pub fn new(hp: &HParams, n_cells: usize, ty: Type, backend: &Backend) -> Result<KvCache> {
+        if ty.row_size(hp.n_embd_kv()).is_none() {
+            bail!("KV cache type {ty} does not fit rows of {}", hp.n_embd_kv());
+        }
+        let ctx = Context::new(2 * hp.n_layer, 0)?;
+        for il in 0..hp.n_layer {
+            ctx.new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_k_l{il}"));
+            ctx.new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_v_l{il}"));
+        }
+        ctx.alloc_tensors(backend)?;
+        Ok(KvCache { ctx, n_layer: hp.n_layer, cells: vec![Cell::default(); n_cells], ty })
+    }
+
+    pub fn n_cells(&self) -> usize {
+        self.cells.len()
+    }
+
+    pub fn ty(&self) -> Type {
+        self.ty
+    }
+
+    /// Bytes of K/V data.
+    pub fn bytes(&self) -> usize {
+        self.ctx.tensors().iter().map(|t| t.nbytes()).sum()
+    }
+
+    pub fn tensors(&self) -> CacheTensors<'_> {
+        let get = |n: String| self.ctx.get_tensor(&n).expect("made in new()");
+        CacheTensors {
+            k: (0..self.n_layer).map(|il| get(format!("cache_k_l{il}"))).collect(),
+            v: (0..self.n_layer).map(|il| get(format!("cache_v_l{il}"))).collect(),
+        }
+    }
+
+    /// Claims `n` free cells for tokens at `pos` of sequences `seq`; returns their indices.
+    pub fn claim(&mut self, pos: &[i32], seq: &[usize]) -> Result<Vec<usize>> {
+        let free: Vec<usize> = self.cells.iter().enumerate().filter(|(_, c)| c.seqs == 0).map(|(i, _)| i).take(pos.len()).collect();
+        if free.len() < pos.len() {
+            bail!("the context is full ({} cells); use a larger --ctx-size", self.cells.len());
+        }
+        for ((&c, &p), &s) in free.iter().zip(pos).zip(seq) {
+            assert!(s < MAX_SEQ, "sequence id {s}");
+            self.cells[c] = Cell { pos: p, seqs: 1 << s };
+        }
+        Ok(free)
+    }
+
+    /// Frees cells (after a failed decode).
+    pub fn release(&mut self, cells: &[usize]) {
+        for &c in cells {
+            self.cells[c] = Cell::default();
+        }
+    }
+
+    /// The cache prefix a graph must attend to: up to the last used cell, rounded up to a multiple of 256.
+    pub fn n_kv(&self) -> usize {
+        let used = self.cells.iter().rposition(|c| c.seqs != 0).map_or(0, |i| i + 1);
+        used.div_ceil(N_KV_PAD).max(1).saturating_mul(N_KV_PAD).min(self.cells.len())
+    }
+
+    /// The attention mask `[n_kv, n_tokens]` (F16 bits): token t (position pos[t], sequence seq[t]) sees the cells
+    /// of its sequence at positions up to its own.
+    pub fn mask(&self, n_kv: usize, pos: &[i32], seq: &[usize]) -> Vec<half::f16> {
+        let mut m = vec![half::f16::NEG_INFINITY; n_kv * pos.len()];
+        for (t, (&p, &s)) in pos.iter().zip(seq).enumerate() {
+            let row = &mut m[t * n_kv..(t + 1) * n_kv];
+            for (c, cell) in self.cells[..n_kv].iter().enumerate() {
+                if cell.seqs & (1 << s) != 0 && cell.pos <= p {
+                    row[c] = half::f16::ZERO;
+                }
+            }
+        }
+        m
+    }
+
+    /// Next position of sequence `s` (one past its last cell), 0 if empty.
+    pub fn seq_len(&self, s: usize) -> i32 {
+        self.cells.iter().filter(|c| c.seqs & (1 << s) != 0).map(|c| c.pos + 1).max().unwrap_or(0)
+    }
+
+    /// Sequence `dst` becomes a copy of `src` (shares its cells).
+    pub fn seq_cp(&mut self, src: usize, dst: usize) {
+        self.seq_rm(dst);
+        for c in &mut self.cells {
+            if c.seqs & (1 << src) != 0 {
+                c.seqs |= 1 << dst;
+            }
+        }
+    }
+
+    /// Removes sequence `s` (cells no other sequence holds become free).
+    pub fn seq_rm(&mut self, s: usize) {
+        for c in &mut self.cells {
+            c.seqs &= !(1 << s);
+        }
+    }
+
+    /// Removes every sequence.
+    pub fn clear(&mut self) {
+        self.cells.fill(Cell::default());
+    }
+
+    /// Beam reordering: new sequence i takes what old sequence `from[i]` had, for i in 0..from.len(); other
+    /// sequences are dropped. Cells no beam keeps become free.
+    pub fn reorder(&mut self, from: &[usize]) {
+        for c in &mut self.cells {
+            let old = c.seqs;
+            c.seqs = from.iter().enumerate().fold(0, |acc, (i, &f)| if old & (1 << f) != 0 { acc | (1 << i) } else { acc });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(n: usize) -> KvCache {
+        let hp = HParams { n_embd: 8, n_layer: 1, n_head: 2, n_head_kv: 2, head_dim: 4, n_ff: 8, n_vocab: 4, n_ctx_train: 64, rms_eps: 1e-5, rope_base: 1e4 };
+        KvCache::new(&hp, n, Type::F16, &Backend::cpu(1).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn mask_is_causal_per_sequence_and_beams_share_prefix() {
+        let mut kv = cache(8);
+        kv.claim(&[0, 1, 2], &[0, 0, 0]).unwrap();
+        kv.seq_cp(0, 1);
+        kv.claim(&[3, 3], &[0, 1]).unwrap();
+        assert_eq!((kv.seq_len(0), kv.seq_len(1)), (4, 4));
+        let m = kv.mask(8, &[3, 3], &[0, 1]);
+        let vis = |t: usize| (0..8).filter(|&c| m[t * 8 + c] == half::f16::ZERO).collect::<Vec<_>>();
+        assert_eq!(vis(0), vec![0, 1, 2, 3]);
+        assert_eq!(vis(1), vec![0, 1, 2, 4]);
+        // Beam 0 continues from old beam 1 and beam 1 from old beam 1 too: cell 3 (old beam 0) is freed.
+        kv.reorder(&[1, 1]);
+        let m = kv.mask(8, &[4, 4], &[0, 1]);
+        assert_eq!(vis_of(&m, 0), vec![0, 1, 2, 4]);
+        assert_eq!(vis_of(&m, 1), vec![0, 1, 2, 4]);
+        assert_eq!(kv.claim(&[4], &[0]).unwrap(), vec![3], "freed cell reused");
+    }
+
+    fn vis_of(m: &[half::f16], t: usize) -> Vec<usize> {
+        (0..8).filter(|&c| m[t * 8 + c] == half::f16::ZERO).collect()
+    }
+}

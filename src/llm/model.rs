@@ -1,0 +1,160 @@
+//! llm-jp-3 on ggml, in the style of llama.cpp's `src/models/llama.cpp`: hyperparameters, tensors, graph.
+//!
+//! The weights come from a GGUF whose Q/K rows were permuted by the converter (as llama.cpp's does), so RoPE runs
+//! in ggml's normal mode (adjacent pairs); see `asagi_convert::plan::RowMap`.
+
+use anyhow::{bail, Result};
+use ggml::gguf::GgufFile;
+use ggml::{Context, RopeMode, RopeParams, Tensor};
+
+use super::hparams::HParams;
+
+/// One transformer block's weights.
+pub struct Layer<'a> {
+    pub attn_norm: Tensor<'a>,
+    pub wq: Tensor<'a>,
+    pub wk: Tensor<'a>,
+    pub wv: Tensor<'a>,
+    pub wo: Tensor<'a>,
+    pub ffn_norm: Tensor<'a>,
+    pub ffn_gate: Tensor<'a>,
+    pub ffn_up: Tensor<'a>,
+    pub ffn_down: Tensor<'a>,
+}
+
+/// The language model: hyperparameters and weight handles into a (memory-mapped) GGUF file.
+pub struct LlamaModel<'a> {
+    pub hp: HParams,
+    pub tok_embd: Tensor<'a>,
+    pub layers: Vec<Layer<'a>>,
+    pub output_norm: Tensor<'a>,
+    pub output: Tensor<'a>,
+}
+
+impl<'a> LlamaModel<'a> {
+    /// Checks every tensor's presence and shape against the hyperparameters (so that no graph op can fail on a
+    /// user's file) and collects the handles.
+    pub fn load(file: &'a GgufFile) -> Result<LlamaModel<'a>> {
+        let hp = HParams::read(file)?;
+        let get = |name: &str, ne: &[usize]| -> Result<Tensor<'a>> {
+            let Some(t) = file.tensor(name) else { bail!("{}: missing tensor {name}", file.path().display()) };
+            let n = t.n_dims();
+            if t.ne()[..n] != *ne && !(ne.len() > n && ne[n..].iter().all(|&d| d == 1) && t.ne()[..n] == ne[..n]) {
+                bail!("{}: tensor {name} has shape {:?}, expected {ne:?}", file.path().display(), &t.ne()[..n]);
+            }
+            Ok(t)
+        };
+        let (e, kv, ff) = (hp.n_embd, hp.n_embd_kv(), hp.n_ff);
+        let layers = (0..hp.n_layer)
+            .map(|i| {
+                let n = |s: &str| format!("blk.{i}.{s}.weight");
+                Ok(Layer {
+                    attn_norm: get(&n("attn_norm"), &[e])?,
+                    wq: get(&n("attn_q"), &[e, e])?,
+                    wk: get(&n("attn_k"), &[e, kv])?,
+                    wv: get(&n("attn_v"), &[e, kv])?,
+                    wo: get(&n("attn_output"), &[e, e])?,
+                    ffn_norm: get(&n("ffn_norm"), &[e])?,
+                    ffn_gate: get(&n("ffn_gate"), &[e, ff])?,
+                    ffn_up: get(&n("ffn_up"), &[e, ff])?,
+                    ffn_down: get(&n("ffn_down"), &[ff, e])?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let n_tensors = file.tensor_infos().len();
+        let expected = 3 + 9 * hp.n_layer;
+        if n_tensors != expected {
+            bail!("{}: {n_tensors} tensors, a llama model of {} layers has {expected}", file.path().display(), hp.n_layer);
+        }
+        Ok(LlamaModel {
+            tok_embd: get("token_embd.weight", &[e, hp.n_vocab])?,
+            output_norm: get("output_norm.weight", &[e])?,
+            output: get("output.weight", &[e, hp.n_vocab])?,
+            layers,
+            hp,
+        })
+    }
+}
+
+/// Inputs of one forward pass, as graph tensors (filled by the session after allocation).
+pub struct GraphInputs<'g> {
+    /// I32 token ids `[n_tokens]`, or F32 embeddings `[n_embd, n_tokens]`.
+    pub tokens: Option<Tensor<'g>>,
+    pub embeddings: Option<Tensor<'g>>,
+    /// I32 positions `[n_tokens]`.
+    pub pos: Tensor<'g>,
+    /// F16 attention mask `[n_kv, n_tokens]`: 0 where a token may attend to a cache cell, -inf elsewhere.
+    pub mask: Tensor<'g>,
+    /// I64 cache cells the new K/V rows go to `[n_tokens]`.
+    pub kv_idx: Tensor<'g>,
+    /// I32 rows whose logits are wanted `[n_outputs]`.
+    pub out_ids: Tensor<'g>,
+}
+
+/// Per-layer KV cache tensors: `[head_dim * n_head_kv, n_cells]` each.
+pub struct CacheTensors<'g> {
+    pub k: Vec<Tensor<'g>>,
+    pub v: Vec<Tensor<'g>>,
+}
+
+impl LlamaModel<'_> {
+    /// Builds the forward graph for `n_tokens` new tokens attending to the first `n_kv` cache cells. Returns the
+    /// logits tensor `[n_vocab, n_outputs]`.
+    pub fn build_graph<'g>(
+        &'g self,
+        ctx: &'g Context,
+        gf: &mut ggml::Graph<'g>,
+        inp: &GraphInputs<'g>,
+        cache: &CacheTensors<'g>,
+        n_tokens: usize,
+        n_kv: usize,
+    ) -> Tensor<'g> {
+        let hp = &self.hp;
+        let (hd, nh, nkv) = (hp.head_dim, hp.n_head, hp.n_head_kv);
+        let rope = RopeParams::plain(hd, RopeMode::Normal, hp.rope_base, hp.n_ctx_train);
+        let kq_scale = 1.0 / (hd as f32).sqrt();
+
+        let mut x = match (inp.tokens, inp.embeddings) {
+            (Some(ids), _) => ctx.get_rows(self.tok_embd, ids).named("inp_embd"),
+            (None, Some(e)) => e,
+            (None, None) => unreachable!("the session always sets one input"),
+        };
+        for (il, l) in self.layers.iter().enumerate() {
+            let name = |s: &str| format!("{s}-{il}");
+            let inp_sa = x;
+            let cur = ctx.mul(ctx.rms_norm(x, hp.rms_eps), l.attn_norm).named(&name("attn_norm"));
+
+            // Self-attention.
+            let q = ctx.reshape(ctx.mul_mat(l.wq, cur), &[hd, nh, n_tokens]).named(&name("Qcur"));
+            let k = ctx.reshape(ctx.mul_mat(l.wk, cur), &[hd, nkv, n_tokens]).named(&name("Kcur"));
+            let v = ctx.mul_mat(l.wv, cur).named(&name("Vcur"));
+            let q = ctx.rope_ext(q, inp.pos, rope).named(&name("Qcur_rope"));
+            let k = ctx.rope_ext(k, inp.pos, rope).named(&name("Kcur_rope"));
+            // Store the new K/V rows in their cache cells before the attention reads the cache.
+            gf.build_forward_expand(ctx.set_rows(cache.k[il], ctx.reshape(k, &[hd * nkv, n_tokens]), inp.kv_idx));
+            gf.build_forward_expand(ctx.set_rows(cache.v[il], v, inp.kv_idx));
+            let kv_view = |c: Tensor<'g>| {
+                let es = c.nb()[0];
+                let t = ctx.view(c, &[hd, nkv, n_kv], &[hd * es, hd * nkv * es], 0);
+                ctx.permute(t, [0, 2, 1, 3]) // [hd, n_kv, n_head_kv]
+            };
+            let qp = ctx.permute(q, [0, 2, 1, 3]); // [hd, n_tokens, n_head]
+            let attn = ctx.flash_attn_ext(qp, kv_view(cache.k[il]), kv_view(cache.v[il]), Some(inp.mask), kq_scale);
+            let attn = ctx.reshape(attn, &[hd * nh, n_tokens]).named(&name("kqv_out"));
+            let cur = ctx.mul_mat(l.wo, attn).named(&name("attn_out"));
+            let ffn_inp = ctx.add(cur, inp_sa).named(&name("ffn_inp"));
+
+            // SwiGLU feed-forward.
+            let cur = ctx.mul(ctx.rms_norm(ffn_inp, hp.rms_eps), l.ffn_norm).named(&name("ffn_norm"));
+            let gate = ctx.mul_mat(l.ffn_gate, cur).named(&name("ffn_gate"));
+            let up = ctx.mul_mat(l.ffn_up, cur).named(&name("ffn_up"));
+            let cur = ctx.mul_mat(l.ffn_down, ctx.swiglu_split(gate, up)).named(&name("ffn_out"));
+            x = ctx.add(cur, ffn_inp).named(&name("l_out"));
+        }
+        let x = ctx.get_rows(x, inp.out_ids);
+        let x = ctx.mul(ctx.rms_norm(x, hp.rms_eps), self.output_norm).named("result_norm");
+        let logits = ctx.mul_mat(self.output, x).named("result_output").set_output();
+        gf.build_forward_expand(logits);
+        logits
+    }
+}

@@ -1,0 +1,178 @@
+//! A decoding session: the model, its KV cache and a scheduler over the backends. `decode` runs one batch of new
+//! tokens (ids or ready embeddings) and returns the logits of the rows asked for.
+
+use anyhow::{bail, Context as _, Result};
+use ggml::{Backend, Context, Scheduler, Type};
+
+use super::kv_cache::KvCache;
+use super::model::{GraphInputs, LlamaModel};
+
+/// New input rows: token ids, or embeddings `[n, n_embd]` row-major (image features from the projector).
+#[derive(Clone, Copy, Debug)]
+pub enum Input<'a> {
+    Tokens(&'a [u32]),
+    Embeddings(&'a [f32]),
+}
+
+/// One batch: inputs, their positions and sequences, and which rows need logits.
+#[derive(Clone, Debug)]
+pub struct Batch<'a> {
+    pub input: Input<'a>,
+    pub pos: Vec<i32>,
+    pub seq: Vec<usize>,
+    pub logits: Vec<bool>,
+}
+
+impl<'a> Batch<'a> {
+    /// Consecutive tokens of one sequence starting at `pos0`; logits for the last row only, or for all.
+    pub fn sequence(input: Input<'a>, n: usize, pos0: i32, seq: usize, all_logits: bool) -> Batch<'a> {
+        Batch {
+            input,
+            pos: (0..n as i32).map(|i| pos0 + i).collect(),
+            seq: vec![seq; n],
+            logits: (0..n).map(|i| all_logits || i + 1 == n).collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.pos.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos.is_empty()
+    }
+}
+
+/// Options of a session.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    pub n_ctx: usize,
+    /// Largest batch computed at once (prompts are split into micro-batches of this size).
+    pub n_ubatch: usize,
+    pub cache_type: Type,
+}
+
+impl Default for SessionParams {
+    fn default() -> Self {
+        SessionParams { n_ctx: 4096, n_ubatch: 512, cache_type: Type::F16 }
+    }
+}
+
+pub struct Session<'a> {
+    pub model: &'a LlamaModel<'a>,
+    pub cache: KvCache,
+    sched: Scheduler<'a>,
+    n_ubatch: usize,
+    max_nodes: usize,
+}
+
+impl<'a> Session<'a> {
+    /// `backends` in priority order, CPU last.
+    pub fn new(model: &'a LlamaModel<'a>, backends: &[&'a Backend], p: &SessionParams) -> Result<Session<'a>> {
+        let first = backends.first().context("no backend")?;
+        // The cache lives where attention runs: the first (highest-priority) backend.
+        let cache = KvCache::new(&model.hp, p.n_ctx, p.cache_type, first)?;
+        let max_nodes = 64 + 48 * model.hp.n_layer;
+        let sched = Scheduler::new(backends, max_nodes)?;
+        Ok(Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes })
+    }
+
+    pub fn n_ubatch(&self) -> usize {
+        self.n_ubatch
+    }
+
+    /// Computes one batch (at most `n_ubatch` rows); returns the logits of the rows with `logits[i]`, in order,
+    /// `n_vocab` values each.
+    pub fn decode(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        let n = batch.len();
+        let hp = &self.model.hp;
+        if n == 0 || n > self.n_ubatch || batch.seq.len() != n || batch.logits.len() != n {
+            bail!("bad batch of {n} rows (micro-batch size {})", self.n_ubatch);
+        }
+        match batch.input {
+            Input::Tokens(t) if t.len() != n => bail!("{} token ids for {n} positions", t.len()),
+            Input::Tokens(t) => {
+                if let Some(&bad) = t.iter().find(|&&id| id as usize >= hp.n_vocab) {
+                    bail!("token id {bad} is outside the vocabulary ({})", hp.n_vocab);
+                }
+            }
+            Input::Embeddings(e) if e.len() != n * hp.n_embd => bail!("{} embedding values for {n} rows of {}", e.len(), hp.n_embd),
+            Input::Embeddings(_) => {}
+        }
+        let cells = self.cache.claim(&batch.pos, &batch.seq)?;
+        let result = self.compute(batch, &cells);
+        if result.is_err() {
+            self.cache.release(&cells);
+        }
+        result
+    }
+
+    fn compute(&mut self, batch: &Batch<'_>, cells: &[usize]) -> Result<Vec<f32>> {
+        let n = batch.len();
+        let hp = &self.model.hp;
+        let n_kv = self.cache.n_kv();
+        let out_ids: Vec<i32> = (0..n as i32).filter(|&i| batch.logits[i as usize]).collect();
+        if out_ids.is_empty() {
+            bail!("a batch must ask for at least one row of logits");
+        }
+
+        let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
+        let (tokens, embeddings) = match batch.input {
+            Input::Tokens(_) => (Some(ctx.new_tensor(Type::I32, &[n]).named("inp_tokens").set_input()), None),
+            Input::Embeddings(_) => (None, Some(ctx.new_tensor(Type::F32, &[hp.n_embd, n]).named("inp_embd").set_input())),
+        };
+        let inputs = GraphInputs {
+            tokens,
+            embeddings,
+            pos: ctx.new_tensor(Type::I32, &[n]).named("inp_pos").set_input(),
+            mask: ctx.new_tensor(Type::F16, &[n_kv, n]).named("kq_mask").set_input(),
+            kv_idx: ctx.new_tensor(Type::I64, &[n]).named("kv_idx").set_input(),
+            out_ids: ctx.new_tensor(Type::I32, &[out_ids.len()]).named("out_ids").set_input(),
+        };
+        let cache = self.cache.tensors();
+        let mut gf = ctx.new_graph(self.max_nodes);
+        let logits = self.model.build_graph(&ctx, &mut gf, &inputs, &cache, n, n_kv);
+
+        self.sched.alloc(&gf)?;
+        match batch.input {
+            Input::Tokens(t) => self.sched.write(tokens.unwrap(), &t.iter().map(|&x| x as i32).collect::<Vec<_>>())?,
+            Input::Embeddings(e) => self.sched.write(embeddings.unwrap(), e)?,
+        }
+        self.sched.write(inputs.pos, &batch.pos)?;
+        self.sched.write(inputs.mask, &self.cache.mask(n_kv, &batch.pos, &batch.seq))?;
+        self.sched.write(inputs.kv_idx, &cells.iter().map(|&c| c as i64).collect::<Vec<_>>())?;
+        self.sched.write(inputs.out_ids, &out_ids)?;
+        self.sched.compute(&gf)?;
+        Ok(self.sched.read::<f32>(logits)?)
+    }
+
+    /// Feeds `input` (n rows) to sequence `seq` from position `pos0` in micro-batches. Returns the logits of every
+    /// row if `all_logits`, else of the last row.
+    pub fn prefill(&mut self, input: Input<'_>, seq: usize, pos0: i32, all_logits: bool) -> Result<Vec<f32>> {
+        let (n, width) = match input {
+            Input::Tokens(t) => (t.len(), 1),
+            Input::Embeddings(e) => (e.len() / self.model.hp.n_embd, self.model.hp.n_embd),
+        };
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let end = (start + self.n_ubatch).min(n);
+            let part = match input {
+                Input::Tokens(t) => Input::Tokens(&t[start..end]),
+                Input::Embeddings(e) => Input::Embeddings(&e[start * width..end * width]),
+            };
+            let mut b = Batch::sequence(part, end - start, pos0 + start as i32, seq, all_logits);
+            if !all_logits && end < n {
+                // Only the very last row's logits are wanted; still ask for one row so the graph has an output.
+                b.logits.iter_mut().for_each(|l| *l = false);
+                *b.logits.last_mut().unwrap() = true;
+            }
+            let l = self.decode(&b)?;
+            if all_logits || end == n {
+                out.extend(l);
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,143 @@
+//! `asagi-gguf run`: text generation with the language model (images come with the vision path).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use ggml::gguf::GgufFile;
+use ggml::{Backend, Type};
+use serde_json::json;
+
+use crate::generate;
+use crate::llm::{Input, LlamaModel, Session, SessionParams};
+use crate::tokenizer::Tokenizer;
+
+/// Asagi's instruction template (model card; training code's pre/post prompt). `{images}` holds one
+/// "<image>\n" per image.
+pub fn asagi_prompt(question: &str, n_images: usize) -> String {
+    format!(
+        "以下は、タスクを説明する指示です。要求を適切に満たす応答を書きなさい。\n\n### 指示:\n{}{question}\n\n### 応答:\n",
+        "<image>\n".repeat(n_images)
+    )
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Language-model GGUF.
+    #[arg(short = 'm', long)]
+    pub model: PathBuf,
+    /// Question, wrapped in Asagi's instruction template.
+    #[arg(short = 'p', long, conflicts_with = "raw_prompt", required_unless_present = "raw_prompt")]
+    pub prompt: Option<String>,
+    /// Prompt used verbatim (BOS added as the tokenizer config says).
+    #[arg(long)]
+    pub raw_prompt: Option<String>,
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long, default_value_t = 256)]
+    pub n_predict: usize,
+    /// Greedy decoding (the only decoding this build has; sampling and beam search are not implemented yet).
+    #[arg(long, default_value_t = true)]
+    pub greedy: bool,
+    /// Context size in tokens [default: the model's training context].
+    #[arg(short = 'c', long)]
+    pub ctx_size: Option<usize>,
+    /// KV cache type: f16, f32 or q8_0.
+    #[arg(long, default_value = "f16")]
+    pub cache_type: String,
+    /// Worker threads [default: physical cores].
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+    /// Also write the logits at the last prompt position (float32 .npy, shape [n_vocab]).
+    #[arg(long)]
+    pub dump_logits: Option<PathBuf>,
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let t_load = Instant::now();
+    let cache_type = match args.cache_type.to_ascii_lowercase().as_str() {
+        "f16" => Type::F16,
+        "f32" => Type::F32,
+        "q8_0" => Type::Q8_0,
+        other => bail!("--cache-type {other}: one of f16, f32, q8_0"),
+    };
+    let mut file = GgufFile::open(&args.model)?;
+    file.map_weights()?;
+    let model = LlamaModel::load(&file)?;
+    let (tok, _) = Tokenizer::from_gguf(&file)?;
+    let backend = Backend::cpu(args.threads.unwrap_or_else(num_cpus::get_physical))?;
+    let n_ctx = args.ctx_size.unwrap_or(model.hp.n_ctx_train);
+    let mut session = Session::new(&model, &[&backend], &SessionParams { n_ctx, cache_type, ..Default::default() })?;
+    let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+
+    let text = match (&args.prompt, &args.raw_prompt) {
+        (Some(q), _) => asagi_prompt(q, 0),
+        (None, Some(r)) => r.clone(),
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let prompt = tok.encode(&text, true)?;
+    if tok.image.is_some_and(|img| prompt.contains(&img)) {
+        bail!("the prompt has an <image> token but no image was given");
+    }
+    if prompt.len() + args.n_predict > n_ctx {
+        bail!("prompt ({} tokens) + -n {} exceed the context of {n_ctx} tokens", prompt.len(), args.n_predict);
+    }
+
+    let t_prompt = Instant::now();
+    let logits = session.prefill(Input::Tokens(&prompt), 0, 0, false)?;
+    let prompt_ms = t_prompt.elapsed().as_secs_f64() * 1e3;
+    if let Some(p) = &args.dump_logits {
+        write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+
+    let t_gen = Instant::now();
+    let mut stream = tok.stream(true);
+    let mut stdout = std::io::stdout().lock();
+    let tokens = generate::greedy(&mut session, logits, prompt.len() as i32, args.n_predict, &tok.eog, |id| {
+        if !args.json && !tok.eog.contains(&id) {
+            stdout.write_all(stream.push(id)?.as_bytes())?;
+            stdout.flush()?;
+        }
+        Ok(())
+    })?;
+    let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
+    let stop_reason = if tokens.last().is_some_and(|t| tok.eog.contains(t)) { "eos" } else { "length" };
+    let generated: Vec<u32> = tokens.iter().copied().filter(|t| !tok.eog.contains(t)).collect();
+    let n_decoded = tokens.len().saturating_sub(1).max(1);
+    if args.json {
+        let out = json!({
+            "prompt_tokens": prompt, "tokens": generated, "text": tok.decode(&generated, true)?,
+            "stop_reason": stop_reason,
+            "timings": {"load_ms": load_ms, "image_encode_ms": 0.0, "prompt_ms": prompt_ms,
+                "prompt_tokens_per_s": prompt.len() as f64 / (prompt_ms / 1e3),
+                "gen_tokens_per_s": n_decoded as f64 / (gen_ms / 1e3)}
+        });
+        writeln!(stdout, "{out}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    eprintln!("load time        = {load_ms:10.2} ms");
+    eprintln!("prompt eval time = {prompt_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second)", prompt.len(), prompt.len() as f64 / (prompt_ms / 1e3));
+    eprintln!("eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second)", tokens.len(), n_decoded as f64 / (gen_ms / 1e3));
+    Ok(())
+}
+
+/// A float32 `.npy` file of shape `[n]`.
+pub fn write_npy(path: &std::path::Path, v: &[f32]) -> std::io::Result<()> {
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}", v.len());
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * v.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for x in v {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    std::fs::write(path, out)
+}

@@ -1,0 +1,176 @@
+//! The tokenizer: Hugging Face's `tokenizers` over the tokenizer.json the converter embeds in the GGUF
+//! (`tokenizer.huggingface.json`), so ids are exactly HF's. GGUFs made by other converters (llama.cpp's) have no
+//! such key: then the same Unigram tokenizer is rebuilt from the GGUF vocabulary (pieces and scores), with a
+//! warning, since normalization details of the original may differ.
+
+use anyhow::{anyhow, bail, Result};
+use ggml::gguf::{Array, GgufFile, Value};
+use serde_json::json;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Ids that end generation: `</s>` and Asagi's `<pad>` (which the model learned to emit after an answer).
+    pub eog: Vec<u32>,
+    pub bos: Option<u32>,
+    /// The `<image>` token, if the vocabulary has it.
+    pub image: Option<u32>,
+    n_vocab: usize,
+    special: Vec<bool>,
+}
+
+/// Where the tokenizer came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    HuggingFaceJson,
+    RebuiltFromVocab,
+}
+
+fn id_key(f: &GgufFile, k: &str) -> Option<u32> {
+    match f.get(k) {
+        Some(Value::U32(v)) => Some(v),
+        Some(Value::I32(v)) if v >= 0 => Some(v as u32),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    pub fn from_gguf(f: &GgufFile) -> Result<(Tokenizer, Source)> {
+        let tokens = match f.get("tokenizer.ggml.tokens") {
+            Some(Value::Array(Array::Str(t))) => t,
+            _ => bail!("{}: missing key tokenizer.ggml.tokens", f.path().display()),
+        };
+        let types = match f.get("tokenizer.ggml.token_type") {
+            Some(Value::Array(Array::I32(t))) if t.len() == tokens.len() => t,
+            _ => vec![1; tokens.len()],
+        };
+        let (inner, source) = match f.get("tokenizer.huggingface.json") {
+            Some(Value::Str(json)) => (
+                tokenizers::Tokenizer::from_bytes(json.as_bytes())
+                    .map_err(|e| anyhow!("{}: tokenizer.huggingface.json: {e}", f.path().display()))?,
+                Source::HuggingFaceJson,
+            ),
+            _ => (rebuild(f, &tokens, &types)?, Source::RebuiltFromVocab),
+        };
+        let find = |s: &str| tokens.iter().position(|t| t == s).map(|i| i as u32);
+        let mut eog: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"].iter().filter_map(|k| id_key(f, k)).collect();
+        eog.extend(find("<pad>"));
+        eog.sort();
+        eog.dedup();
+        Ok((
+            Tokenizer {
+                inner,
+                eog,
+                bos: id_key(f, "tokenizer.ggml.bos_token_id"),
+                image: id_key(f, "asagi.image_token_id").or_else(|| find("<image>")),
+                n_vocab: tokens.len(),
+                special: types.iter().map(|&t| t == 3 || t == 5).collect(),
+            },
+            source,
+        ))
+    }
+
+    /// Token ids of `text`; with `add_special`, BOS as the tokenizer's post-processor says (HF's default).
+    /// Special tokens written in the text (`<image>`) are recognized.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids` (byte-fallback pieces joined into UTF-8), skipping special tokens if asked.
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    /// True for control tokens (`<s>`, `</s>`, `<image>`, `<pad>`...) and unused padding entries.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.get(id as usize).copied().unwrap_or(true)
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.n_vocab
+    }
+
+    /// A decoder for streaming: `push` returns text only once it is complete UTF-8.
+    pub fn stream(&self, skip_special: bool) -> StreamDecoder<'_> {
+        StreamDecoder { tok: self, ids: Vec::new(), emitted: String::new(), skip_special }
+    }
+}
+
+/// Incremental decoding that never emits a broken multi-byte character: the whole tail is re-decoded and only
+/// text ending in a complete character (no U+FFFD from an unfinished byte sequence) is released.
+pub struct StreamDecoder<'t> {
+    tok: &'t Tokenizer,
+    ids: Vec<u32>,
+    emitted: String,
+    skip_special: bool,
+}
+
+impl StreamDecoder<'_> {
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids, self.skip_special)?;
+        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
+            return Ok(String::new());
+        }
+        let new = text[self.emitted.len()..].to_string();
+        self.emitted = text;
+        Ok(new)
+    }
+
+    /// Everything decoded so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+}
+
+/// A Unigram tokenizer.json equivalent to a GGUF "llama" (SentencePiece) vocabulary.
+fn rebuild(f: &GgufFile, tokens: &[String], types: &[i32]) -> Result<tokenizers::Tokenizer> {
+    eprintln!(
+        "warning: {} has no tokenizer.huggingface.json; rebuilding a Unigram tokenizer from its vocabulary (ids may \
+         differ from Hugging Face's on unusual text)",
+        f.path().display()
+    );
+    let scores = match f.get("tokenizer.ggml.scores") {
+        Some(Value::Array(Array::F32(s))) if s.len() == tokens.len() => s,
+        _ => vec![0.0; tokens.len()],
+    };
+    let model = f.str("tokenizer.ggml.model").unwrap_or_default();
+    if model != "llama" {
+        bail!("{}: tokenizer.ggml.model is {model:?}; only SentencePiece (\"llama\") vocabularies can be rebuilt", f.path().display());
+    }
+    let unk = id_key(f, "tokenizer.ggml.unknown_token_id").unwrap_or(0);
+    let bos = id_key(f, "tokenizer.ggml.bos_token_id");
+    let add_bos = matches!(f.get("tokenizer.ggml.add_bos_token"), Some(Value::Bool(true)) | None);
+    let prefix = !matches!(f.get("tokenizer.ggml.add_space_prefix"), Some(Value::Bool(false)));
+    let vocab: Vec<serde_json::Value> = tokens.iter().zip(&scores).map(|(t, s)| json!([t, s])).collect();
+    let added: Vec<serde_json::Value> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == 3 || t == 4)
+        .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": t == 3}))
+        .collect();
+    let mut normalizers = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})];
+    let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    if prefix {
+        normalizers.insert(0, json!({"type": "Prepend", "prepend": "▁"}));
+        decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+    }
+    let post = match (add_bos, bos) {
+        (true, Some(b)) => {
+            let bt = &tokens[b as usize];
+            json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bt, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bt, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bt.clone(): {"id": bt, "ids": [b], "tokens": [bt]}}})
+        }
+        _ => serde_json::Value::Null,
+    };
+    let j = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": null, "post_processor": post,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "Unigram", "unk_id": unk, "vocab": vocab, "byte_fallback": true}
+    });
+    tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&j)?).map_err(|e| anyhow!("{}: rebuilding the tokenizer: {e}", f.path().display()))
+}
