@@ -144,9 +144,13 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// Hands `t`'s pages back to the kernel once it has been converted, keeping resident memory bounded.
-    pub fn release(&self, t: &SourceTensor) {
-        self.shards[t.shard].release(t.start, t.end - t.start);
+    /// Hands the pages of `t`'s elements `first..first+n` back to the kernel once converted, so resident memory
+    /// stays bounded by the chunk being worked on even for a 600 MB embedding (re-reading them stays correct).
+    pub fn release(&self, t: &SourceTensor, first: usize, n: usize) {
+        let size = t.dtype.size();
+        let a = (t.start + first * size).min(t.end);
+        let b = (t.start + (first + n) * size).min(t.end);
+        self.shards[t.shard].release(a, b - a);
     }
 }
 

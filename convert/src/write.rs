@@ -104,11 +104,11 @@ fn write_tensor(
             sink.write_all(&p?)?;
         }
         let done = ranges.last().map_or(r, |x| x.1);
-        let src_rows_done = done.min(t.src_rows) - r.min(t.src_rows);
-        bar.inc((src_rows_done * t.src_cols * src.dtype.size()) as u64);
+        let (a, b) = (r.min(t.src_rows), done.min(t.src_rows));
+        bar.inc(((b - a) * t.src_cols * src.dtype.size()) as u64);
+        ckpt.release(src, a * t.src_cols, (b - a) * t.src_cols);
         r = done;
     }
-    ckpt.release(src);
     Ok(())
 }
 
