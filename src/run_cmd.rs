@@ -10,7 +10,9 @@ use ggml::{Backend, Type};
 use serde_json::json;
 
 use crate::generate;
-use crate::llm::{Input, LlamaModel, Session, SessionParams};
+use crate::llm::{LlamaModel, Session, SessionParams};
+use crate::multimodal;
+use crate::vision::{VisionEncoder, VisionModel};
 use crate::tokenizer::Tokenizer;
 
 /// Asagi's instruction template (model card; training code's pre/post prompt). `{images}` holds one
@@ -27,7 +29,13 @@ pub struct RunArgs {
     /// Language-model GGUF.
     #[arg(short = 'm', long)]
     pub model: PathBuf,
-    /// Question, wrapped in Asagi's instruction template.
+    /// mmproj GGUF (vision encoder + projector), needed with --image.
+    #[arg(long)]
+    pub mmproj: Option<PathBuf>,
+    /// Image file (repeatable); each goes where the prompt has `<image>`, in order.
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// Question, wrapped in Asagi's instruction template (with one `<image>` line per image).
     #[arg(short = 'p', long, conflicts_with = "raw_prompt", required_unless_present = "raw_prompt")]
     pub prompt: Option<String>,
     /// Prompt used verbatim (BOS added as the tokenizer config says).
@@ -74,20 +82,37 @@ pub fn run(args: RunArgs) -> Result<()> {
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let text = match (&args.prompt, &args.raw_prompt) {
-        (Some(q), _) => asagi_prompt(q, 0),
+        (Some(q), _) => asagi_prompt(q, args.images.len()),
         (None, Some(r)) => r.clone(),
         (None, None) => unreachable!("clap requires one"),
     };
     let prompt = tok.encode(&text, true)?;
-    if tok.image.is_some_and(|img| prompt.contains(&img)) {
-        bail!("the prompt has an <image> token but no image was given");
-    }
-    if prompt.len() + args.n_predict > n_ctx {
-        bail!("prompt ({} tokens) + -n {} exceed the context of {n_ctx} tokens", prompt.len(), args.n_predict);
+
+    // Images: encode each with the vision tower, then splice at the <image> tokens.
+    let t_img = Instant::now();
+    let images = match (&args.mmproj, args.images.is_empty()) {
+        (_, true) => Vec::new(),
+        (None, false) => bail!("--image needs --mmproj"),
+        (Some(mm), false) => {
+            let mut mfile = GgufFile::open(mm)?;
+            mfile.map_weights()?;
+            let vmodel = VisionModel::load(&mfile)?;
+            if vmodel.hp.n_mmproj != model.hp.n_embd {
+                bail!("{} projects to {} values but the language model's embeddings have {}", mm.display(), vmodel.hp.n_mmproj, model.hp.n_embd);
+            }
+            let mut enc = VisionEncoder::new(&vmodel, &[&backend])?;
+            args.images.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>()?
+        }
+    };
+    let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
+    let segs = multimodal::segments(&prompt, tok.image, &images)?;
+    let n_positions = prompt.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
+    if n_positions + args.n_predict > n_ctx {
+        bail!("prompt ({n_positions} positions) + -n {} exceed the context of {n_ctx} tokens", args.n_predict);
     }
 
     let t_prompt = Instant::now();
-    let logits = session.prefill(Input::Tokens(&prompt), 0, 0, false)?;
+    let (logits, pos) = multimodal::prefill(&mut session, &segs, 0, false)?;
     let prompt_ms = t_prompt.elapsed().as_secs_f64() * 1e3;
     if let Some(p) = &args.dump_logits {
         write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;
@@ -96,7 +121,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let t_gen = Instant::now();
     let mut stream = tok.stream(true);
     let mut stdout = std::io::stdout().lock();
-    let tokens = generate::greedy(&mut session, logits, prompt.len() as i32, args.n_predict, &tok.eog, |id| {
+    let tokens = generate::greedy(&mut session, logits, pos, args.n_predict, &tok.eog, |id| {
         if !args.json && !tok.eog.contains(&id) {
             stdout.write_all(stream.push(id)?.as_bytes())?;
             stdout.flush()?;
@@ -111,8 +136,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         let out = json!({
             "prompt_tokens": prompt, "tokens": generated, "text": tok.decode(&generated, true)?,
             "stop_reason": stop_reason,
-            "timings": {"load_ms": load_ms, "image_encode_ms": 0.0, "prompt_ms": prompt_ms,
-                "prompt_tokens_per_s": prompt.len() as f64 / (prompt_ms / 1e3),
+            "timings": {"load_ms": load_ms, "image_encode_ms": image_ms, "prompt_ms": prompt_ms,
+                "prompt_tokens_per_s": pos as f64 / (prompt_ms / 1e3),
                 "gen_tokens_per_s": n_decoded as f64 / (gen_ms / 1e3)}
         });
         writeln!(stdout, "{out}")?;
@@ -120,7 +145,10 @@ pub fn run(args: RunArgs) -> Result<()> {
         writeln!(stdout)?;
     }
     eprintln!("load time        = {load_ms:10.2} ms");
-    eprintln!("prompt eval time = {prompt_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second)", prompt.len(), prompt.len() as f64 / (prompt_ms / 1e3));
+    if !images.is_empty() {
+        eprintln!("image encode     = {image_ms:10.2} ms / {:5} images", images.len());
+    }
+    eprintln!("prompt eval time = {prompt_ms:10.2} ms / {pos:5} tokens ({:8.2} tokens per second)", pos as f64 / (prompt_ms / 1e3));
     eprintln!("eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second)", tokens.len(), n_decoded as f64 / (gen_ms / 1e3));
     Ok(())
 }

@@ -88,6 +88,10 @@ impl Context {
         gelu_erf => ggml_gelu_erf;
         /// SiLU (x·sigmoid(x)).
         silu => ggml_silu;
+        /// tanh, in f32 on every backend.
+        tanh => ggml_tanh;
+        /// x².
+        sqr => ggml_sqr;
         /// A contiguous copy.
         cont => ggml_cont;
         /// Swaps dimensions 0 and 1 (a view).
@@ -109,6 +113,24 @@ impl Context {
         swiglu_split => ggml_swiglu_split;
         /// Copies `a` into `b` (e.g. a view of a cache), converting type; returns the destination view.
         cpy => ggml_cpy;
+    }
+
+    /// `a * s + b`.
+    pub fn scale_bias<'a>(&'a self, a: Tensor<'a>, s: f32, b: f32) -> Tensor<'a> {
+        // SAFETY: see the module comment.
+        unsafe { Tensor::from_raw(sys::ggml_scale_bias(self.as_ptr(), a.as_ptr(), s, b)) }
+    }
+
+    /// GELU, tanh form, computed in f32: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). `gelu` is the same function
+    /// but ggml's CPU kernel looks it up in an f16 table (input and output rounded to 11 bits), which moves
+    /// SigLIP's features by ~1e-3; this composition is exact to f32 rounding, at the cost of a few element-wise
+    /// passes.
+    pub fn gelu_tanh_precise<'a>(&'a self, x: Tensor<'a>) -> Tensor<'a> {
+        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+        let x3 = self.mul(self.sqr(x), x);
+        let inner = self.scale(self.add(x, self.scale(x3, 0.044715)), SQRT_2_OVER_PI);
+        let t = self.scale_bias(self.tanh(inner), 0.5, 0.5); // (1 + tanh) / 2
+        self.mul(x, t)
     }
 
     /// RMS normalization over `ne[0]`: x / sqrt(mean(x²) + eps).
@@ -218,6 +240,16 @@ impl Context {
     pub fn set_rows<'a>(&'a self, dst: Tensor<'a>, src: Tensor<'a>, idx: Tensor<'a>) -> Tensor<'a> {
         // SAFETY: see the module comment.
         unsafe { Tensor::from_raw(sys::ggml_set_rows(self.as_ptr(), dst.as_ptr(), src.as_ptr(), idx.as_ptr())) }
+    }
+
+    /// Unfolds `data` `[W, H, C, N]` into the patches a `kernel` `[KW, KH, C, OC]` sees, as rows of `dst_type`:
+    /// `[KW*KH*C, OW, OH, N]` (2-D, no dilation).
+    pub fn im2col<'a>(&'a self, kernel: Tensor<'a>, data: Tensor<'a>, stride: usize, pad: usize, dst_type: Type) -> Tensor<'a> {
+        let (s, p) = (stride as i32, pad as i32);
+        // SAFETY: see the module comment.
+        unsafe {
+            Tensor::from_raw(sys::ggml_im2col(self.as_ptr(), kernel.as_ptr(), data.as_ptr(), s, s, p, p, 1, 1, true, dst_type.to_sys()))
+        }
     }
 
     /// 2-D convolution of `data` `[W, H, C, N]` with `kernel` `[KW, KH, C, OC]` (im2col + matmul).

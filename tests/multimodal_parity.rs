@@ -1,0 +1,88 @@
+//! Image + text prompts end to end against HF transformers 4.45.1: image files preprocessed and encoded, spliced
+//! at the `<image>` tokens (one and two images), logits at every position and greedy continuations.
+
+mod common;
+
+use asagi_convert::{LlmType, MmprojType};
+use asagi_gguf::llm::{LlamaModel, Session, SessionParams};
+use asagi_gguf::vision::{VisionEncoder, VisionModel};
+use asagi_gguf::{generate, multimodal};
+use common::fixtures;
+use ggml::gguf::GgufFile;
+use ggml::{Backend, Type};
+
+struct Run {
+    logits: Vec<f32>,
+    n_vocab: usize,
+    greedy: Vec<u32>,
+}
+
+fn run(variant: &str, ty: LlmType, mm: MmprojType, cache: Type, prompt: &str, n_greedy: usize) -> Run {
+    let g = fixtures::goldens(variant);
+    let p = &g["prompts"][prompt];
+    let ids: Vec<u32> = fixtures::ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
+    let out = tempfile::tempdir().unwrap();
+    let (llm, mmproj) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), ty, mm).unwrap();
+    let (mut lf, mut mf) = (GgufFile::open(&llm).unwrap(), GgufFile::open(&mmproj).unwrap());
+    lf.map_weights().unwrap();
+    mf.map_weights().unwrap();
+    let (model, vmodel) = (LlamaModel::load(&lf).unwrap(), VisionModel::load(&mf).unwrap());
+    let backend = Backend::cpu(2).unwrap();
+    let mut enc = VisionEncoder::new(&vmodel, &[&backend]).unwrap();
+    let images: Vec<_> = p["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|name| enc.encode_file(&fixtures::root().join("images").join(name.as_str().unwrap())).unwrap())
+        .collect();
+    let mut s = Session::new(&model, &[&backend], &SessionParams { n_ctx: 256, n_ubatch: 64, cache_type: cache }).unwrap();
+    let segs = multimodal::segments(&ids, Some(g["image_token_id"].as_u64().unwrap() as u32), &images).unwrap();
+    let (logits, pos) = multimodal::prefill(&mut s, &segs, 0, true).unwrap();
+    assert_eq!(pos as u64, p["expanded_length"].as_u64().unwrap(), "{variant} {prompt}: expanded length");
+    let v = model.hp.n_vocab;
+    let last = logits[logits.len() - v..].to_vec();
+    let greedy = generate::greedy(&mut s, last, pos, n_greedy, &[2], |_| Ok(())).unwrap();
+    Run { logits, n_vocab: v, greedy }
+}
+
+fn hf_greedy(variant: &str, case: &str) -> Vec<u32> {
+    let g = fixtures::goldens(variant);
+    let mut t: Vec<u32> = fixtures::ids(&g["generate"][case]["new_tokens"][0]).iter().map(|&x| x as u32).collect();
+    if let Some(e) = t.iter().position(|&x| x == 2) {
+        t.truncate(e + 1);
+    }
+    t
+}
+
+#[test]
+fn image_prompts_match_hf_logits_and_greedy() {
+    for variant in fixtures::VARIANTS {
+        for (prompt, case) in [("img1", "greedy_img1"), ("img2", "greedy_img2")] {
+            let want = hf_greedy(variant, case);
+            let hf = common::npy::read(&fixtures::root().join(format!("golden/{variant}/logits/{prompt}.npy")));
+            let r = run(variant, LlmType::F32, MmprojType::F32, Type::F32, prompt, want.len());
+            let (n, hv) = (hf.shape[0], hf.shape[1]);
+            assert_eq!(r.logits.len(), n * r.n_vocab, "{variant} {prompt}: positions");
+            let scale = hf.data.iter().fold(0f64, |m, x| m.max(x.abs()));
+            let err = (0..n)
+                .flat_map(|t| (0..hv).map(move |i| (t, i)))
+                .map(|(t, i)| (r.logits[t * r.n_vocab + i] as f64 - hf.data[t * hv + i]).abs())
+                .fold(0.0, f64::max)
+                / scale;
+            eprintln!("{variant} {prompt} f32: logits max|ours-HF|/max|HF| = {err:.2e}");
+            assert!(err <= 1e-4, "{variant} {prompt}: logits error {err:.2e} > 1e-4");
+            assert_eq!(r.greedy, want, "{variant} {prompt} f32: greedy differs from HF");
+            let r16 = run(variant, LlmType::F16, MmprojType::F16, Type::F16, prompt, want.len());
+            assert_eq!(r16.greedy, want, "{variant} {prompt} f16: greedy differs from HF");
+        }
+    }
+}
+
+#[test]
+fn image_count_mismatch_is_an_error() {
+    let img = asagi_gguf::vision::ImageEmbedding { data: vec![0.0; 4], n_tokens: 1, features: vec![] };
+    let err = multimodal::segments(&[1, 7, 9, 7], Some(7), std::slice::from_ref(&img)).err().unwrap().to_string();
+    assert!(err.contains("2 <image> token(s) but 1 image(s)"), "{err}");
+    let segs = multimodal::segments(&[1, 7, 9], Some(7), std::slice::from_ref(&img)).unwrap();
+    assert_eq!(segs.len(), 3);
+}

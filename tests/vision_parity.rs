@@ -1,0 +1,83 @@
+//! The vision path against HF transformers 4.45.1 (tests/fixtures): SigLIP features after the select strategy and
+//! projector outputs for every golden image and variant, for F32/F16 and quantized mmproj files.
+
+mod common;
+
+use asagi_convert::{LlmType, MmprojType};
+use asagi_gguf::vision::{VisionEncoder, VisionModel};
+use common::fixtures;
+use ggml::gguf::GgufFile;
+use ggml::Backend;
+
+const IMAGES: &[&str] = &["rgb_80x60.png", "rgb_30x45.jpg", "gray_70x50.png", "rgba_64x48.png", "palette_50x40.png", "rgb_56x56.png", "rgb_200x120.png"];
+
+/// max |ours - HF| / max |HF|.
+fn rel_err(ours: &[f32], hf: &common::npy::Npy) -> f64 {
+    assert_eq!(ours.len(), hf.data.len());
+    let scale = hf.data.iter().fold(0f64, |m, x| m.max(x.abs()));
+    ours.iter().zip(&hf.data).map(|(&a, b)| (a as f64 - b).abs()).fold(0.0, f64::max) / scale
+}
+
+/// Worst (features, projected) errors over the images of `variant` present in the goldens, for an mmproj type.
+fn errors(variant: &str, mm: MmprojType) -> (f64, f64) {
+    let out = tempfile::tempdir().unwrap();
+    let (_, mmproj) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::Q8_0, mm).unwrap();
+    let mut file = GgufFile::open(&mmproj).unwrap();
+    file.map_weights().unwrap();
+    let model = VisionModel::load(&file).unwrap();
+    let backend = Backend::cpu(2).unwrap();
+    let mut enc = VisionEncoder::new(&model, &[&backend]).unwrap();
+    let size = model.hp.image_size;
+    let (mut ef, mut ep) = (0f64, 0f64);
+    let gold = fixtures::root().join("golden").join(variant).join("vision");
+    let mut n = 0;
+    for img in IMAGES {
+        let fpath = gold.join(format!("{img}.features.npy"));
+        if !fpath.exists() {
+            continue;
+        }
+        // HF's own pixel values as input, so this measures the encoder alone (tests/preprocess.rs covers the
+        // preprocessing).
+        let px = common::npy::read(&fixtures::root().join(format!("golden/preprocess/s{size}/{img}.pixel_values.npy")));
+        let e = enc.encode_pixels(&px.as_f32(), 1).unwrap().pop().unwrap();
+        let (hf_f, hf_p) = (common::npy::read(&fpath), common::npy::read(&gold.join(format!("{img}.projected.npy"))));
+        assert_eq!(e.n_tokens, hf_p.shape[0], "{variant} {img}: image tokens");
+        ef = ef.max(rel_err(&e.features, &hf_f));
+        ep = ep.max(rel_err(&e.data, &hf_p));
+        n += 1;
+    }
+    assert!(n > 0, "no vision goldens for {variant}");
+    eprintln!("{variant} mmproj {}: features {ef:.2e}, projected {ep:.2e} ({n} images)", mm.name());
+    (ef, ep)
+}
+
+#[test]
+fn float_mmproj_matches_hf() {
+    for variant in fixtures::VARIANTS {
+        let (f, p) = errors(variant, MmprojType::F32);
+        assert!(f <= 1e-4 && p <= 1e-4, "{variant} f32: features {f:.2e}, projected {p:.2e} (bound 1e-4)");
+        let (f, p) = errors(variant, MmprojType::F16);
+        assert!(f <= 2e-3 && p <= 2e-3, "{variant} f16: features {f:.2e}, projected {p:.2e} (bound 2e-3)");
+    }
+}
+
+#[test]
+fn encoding_several_images_at_once_equals_one_by_one() {
+    let out = tempfile::tempdir().unwrap();
+    let (_, mmproj) = common::conversion::convert(&fixtures::model_dir("base-default-f32"), out.path(), LlmType::Q8_0, MmprojType::F32).unwrap();
+    let mut file = GgufFile::open(&mmproj).unwrap();
+    file.map_weights().unwrap();
+    let model = VisionModel::load(&file).unwrap();
+    let backend = Backend::cpu(2).unwrap();
+    let mut enc = VisionEncoder::new(&model, &[&backend]).unwrap();
+    let px: Vec<Vec<f32>> = ["rgb_80x60.png", "gray_70x50.png", "rgb_56x56.png"]
+        .iter()
+        .map(|img| common::npy::read(&fixtures::root().join(format!("golden/preprocess/s56/{img}.pixel_values.npy"))).as_f32())
+        .collect();
+    let batch = enc.encode_pixels(&px.concat(), 3).unwrap();
+    for (p, b) in px.iter().zip(&batch) {
+        let single = enc.encode_pixels(p, 1).unwrap().pop().unwrap();
+        let d = single.data.iter().zip(&b.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-5, "batched and single encodings differ by {d}");
+    }
+}
