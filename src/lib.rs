@@ -6,6 +6,7 @@
 pub use ggml;
 
 pub mod convert_cmd;
+pub mod demo_cmd;
 pub mod generate;
 pub mod info;
 pub mod llm;

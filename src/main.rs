@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
     Convert(asagi_gguf::convert_cmd::ConvertArgs),
+    /// The whole pipeline on a generated tiny checkpoint, no downloads: synth, convert, run with an image.
+    Demo(asagi_gguf::demo_cmd::DemoArgs),
     /// Generate text with a language-model GGUF (greedy decoding).
     Run(asagi_gguf::run_cmd::RunArgs),
     /// Print the token ids of a text.
@@ -48,6 +50,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(args) => asagi_gguf::convert_cmd::run(args)?,
         Command::Run(args) => asagi_gguf::run_cmd::run(args)?,
+        Command::Demo(args) => asagi_gguf::demo_cmd::run(args)?,
         Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
         Command::Synth { size, out, seed, force } => {
             let t0 = std::time::Instant::now();

@@ -1,0 +1,56 @@
+//! The command line end to end: `demo` (what the README tells newcomers to run), then `info`, `tokenize` and
+//! `run --json` on the files it made.
+
+use std::process::Command;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+}
+
+#[test]
+fn demo_then_info_tokenize_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = bin().args(["demo", "-n", "4", "-t", "2", "--dir"]).arg(dir.path()).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed: {err}");
+    for step in ["[1/4] synth", "[2/4] convert", "[3/4] image", "[4/4] run", "image encode", "prompt eval time", "eval time"] {
+        assert!(err.contains(step), "demo output lacks {step:?}: {err}");
+    }
+    let llm = dir.path().join("asagi-tiny-Q4_K_M.gguf");
+    let mmproj = dir.path().join("mmproj-asagi-tiny-Q8_0.gguf");
+
+    let info = bin().arg("info").arg(&llm).output().unwrap();
+    let text = String::from_utf8_lossy(&info.stdout);
+    assert!(info.status.success() && text.contains("general.architecture") && text.contains("blk.1.ffn_down.weight"), "{text}");
+
+    let tok = bin().args(["tokenize", "--json", "-m"]).arg(&llm).arg("<image>\nこんにちは").output().unwrap();
+    let ids: Vec<u32> = serde_json::from_slice(&tok.stdout).unwrap();
+    assert_eq!(ids[0], 1, "BOS first");
+    assert_eq!(ids[1], 1998, "<image> is one special token (id = tokenizer length - 2)");
+
+    let run = bin()
+        .args(["run", "--json", "-n", "3", "-t", "2", "-p", "何ですか", "--image"])
+        .arg(dir.path().join("test-card.png"))
+        .arg("--mmproj")
+        .arg(&mmproj)
+        .arg("-m")
+        .arg(&llm)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert!(v["prompt_tokens"].as_array().unwrap().contains(&serde_json::json!(1998)));
+    assert!(v["tokens"].as_array().unwrap().len() <= 3);
+    assert!(["eos", "length"].contains(&v["stop_reason"].as_str().unwrap()));
+    assert!(v["timings"]["image_encode_ms"].as_f64().unwrap() > 0.0);
+
+    // An image without --mmproj, and a missing file, are one-line errors with exit code 1.
+    let bad = bin().args(["run", "-p", "x", "--image", "nope.png", "-m"]).arg(&llm).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.starts_with("error: ") && err.contains("--mmproj"), "{err}");
+    let bad = bin().args(["run", "-p", "x", "--image", "nope.png", "--mmproj"]).arg(&mmproj).arg("-m").arg(&llm).output().unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(1), "{err}");
+    assert!(err.contains("nope.png"), "{err}");
+}
