@@ -83,7 +83,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         prompt: Some(question.into()),
         raw_prompt: None,
         n_predict: a.n_predict,
-        greedy: true,
+        decoding: run_cmd::default_decoding(),
         ctx_size: Some(1024),
         cache_type: "f16".into(),
         threads: Some(threads),

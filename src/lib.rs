@@ -13,6 +13,7 @@ pub mod llm;
 pub mod multimodal;
 pub mod preprocess;
 pub mod run_cmd;
+pub mod sampling;
 pub mod synth;
 pub mod tokenize_cmd;
 pub mod tokenizer;

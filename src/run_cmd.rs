@@ -10,6 +10,7 @@ use ggml::{Backend, Type};
 use serde_json::json;
 
 use crate::generate;
+use crate::sampling::GenerationConfig;
 use crate::llm::{LlamaModel, Session, SessionParams};
 use crate::multimodal;
 use crate::vision::{VisionEncoder, VisionModel};
@@ -44,9 +45,8 @@ pub struct RunArgs {
     /// Tokens to generate at most.
     #[arg(short = 'n', long, default_value_t = 256)]
     pub n_predict: usize,
-    /// Greedy decoding (the only decoding this build has; sampling and beam search are not implemented yet).
-    #[arg(long, default_value_t = true)]
-    pub greedy: bool,
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
     /// Context size in tokens [default: the model's training context].
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
@@ -62,6 +62,86 @@ pub struct RunArgs {
     /// Also write the logits at the last prompt position (float32 .npy, shape [n_vocab]).
     #[arg(long)]
     pub dump_logits: Option<PathBuf>,
+}
+
+/// Decoding flags. Defaults are the Asagi model card's: beam sample with 5 beams, temperature 0.7, repetition
+/// penalty 1.5 (HF semantics: the whole context), HF's default top-k 50.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DecodingArgs {
+    /// Greedy decoding (= --temp 0 --num-beams 1).
+    #[arg(long)]
+    pub greedy: bool,
+    /// Temperature; 0 = no sampling (greedy, or deterministic beam search with --num-beams > 1).
+    #[arg(long, default_value_t = 0.7)]
+    pub temp: f64,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 50)]
+    pub top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    #[arg(long)]
+    pub min_p: Option<f64>,
+    /// Typical sampling mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub typical: f64,
+    /// Repetition penalty over the whole context, prompt included (HF's repetition_penalty).
+    #[arg(long, default_value_t = 1.5)]
+    pub repeat_penalty: f64,
+    #[arg(long, default_value_t = 5)]
+    pub num_beams: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub length_penalty: f64,
+    #[arg(long, default_value_t = 0)]
+    pub no_repeat_ngram: usize,
+    /// Seed of the sampler [default: from the clock, printed].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Not in HF: llama.cpp-style presence penalty.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Not in HF: llama.cpp-style frequency penalty.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Not in HF: apply the penalties to the last N tokens only (llama.cpp's repeat-last-n).
+    #[arg(long)]
+    pub repeat_last_n: Option<usize>,
+}
+
+/// The model card's decoding (what `run` does without flags).
+pub fn default_decoding() -> DecodingArgs {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct P {
+        #[command(flatten)]
+        d: DecodingArgs,
+    }
+    P::parse_from(["run"]).d
+}
+
+impl DecodingArgs {
+    pub fn config(&self, n_predict: usize, eos: &[u32]) -> GenerationConfig {
+        let (temp, beams) = if self.greedy { (0.0, 1) } else { (self.temp, self.num_beams.max(1)) };
+        GenerationConfig {
+            max_new_tokens: Some(n_predict.max(1)),
+            do_sample: temp > 0.0,
+            temperature: if temp > 0.0 { temp } else { 1.0 },
+            top_k: Some(self.top_k),
+            top_p: self.top_p,
+            min_p: self.min_p,
+            typical_p: self.typical,
+            repetition_penalty: self.repeat_penalty,
+            no_repeat_ngram_size: self.no_repeat_ngram,
+            num_beams: beams,
+            length_penalty: self.length_penalty,
+            eos_token_ids: eos.to_vec(),
+            pad_token_id: eos.first().copied(),
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repeat_last_n: self.repeat_last_n,
+            ..Default::default()
+        }
+    }
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
@@ -118,20 +198,34 @@ pub fn run(args: RunArgs) -> Result<()> {
         write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;
     }
 
+    let mut cfg = args.decoding.config(args.n_predict, &tok.eog);
+    if cfg.do_sample && cfg.seed.is_none() {
+        let seed = crate::sampling::SamplingRng::clock_seed();
+        eprintln!("sampling seed    = {seed} (--seed {seed} repeats this run)");
+        cfg.seed = Some(seed);
+    }
     let t_gen = Instant::now();
     let mut stream = tok.stream(true);
     let mut stdout = std::io::stdout().lock();
-    let tokens = generate::greedy(&mut session, logits, pos, args.n_predict, &tok.eog, |id| {
-        if !args.json && !tok.eog.contains(&id) {
+    let beams = cfg.num_beams > 1;
+    let best = generate::generate(&mut session, &cfg, &prompt, logits, pos, |id| {
+        if !args.json {
             stdout.write_all(stream.push(id)?.as_bytes())?;
             stdout.flush()?;
         }
         Ok(())
-    })?;
+    })?
+    .into_iter()
+    .next()
+    .expect("at least one sequence");
     let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
-    let stop_reason = if tokens.last().is_some_and(|t| tok.eog.contains(t)) { "eos" } else { "length" };
-    let generated: Vec<u32> = tokens.iter().copied().filter(|t| !tok.eog.contains(t)).collect();
-    let n_decoded = tokens.len().saturating_sub(1).max(1);
+    let stop_reason = if best.eos.is_some() { "eos" } else { "length" };
+    let generated = best.tokens.clone();
+    if beams && !args.json {
+        // Beams: nothing is final before the search ends; print the best hypothesis.
+        stdout.write_all(tok.decode(&generated, true)?.as_bytes())?;
+    }
+    let n_decoded = generated.len().max(1);
     if args.json {
         let out = json!({
             "prompt_tokens": prompt, "tokens": generated, "text": tok.decode(&generated, true)?,
@@ -149,7 +243,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("image encode     = {image_ms:10.2} ms / {:5} images", images.len());
     }
     eprintln!("prompt eval time = {prompt_ms:10.2} ms / {pos:5} tokens ({:8.2} tokens per second)", pos as f64 / (prompt_ms / 1e3));
-    eprintln!("eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second)", tokens.len(), n_decoded as f64 / (gen_ms / 1e3));
+    eprintln!(
+        "eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second{})",
+        generated.len(),
+        n_decoded as f64 / (gen_ms / 1e3),
+        if beams { format!(", {} beams", cfg.num_beams) } else { String::new() }
+    );
     Ok(())
 }
 
