@@ -17,7 +17,9 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel as PeerModel;
-use llama_cpp_2::mtmd::{mtmd_default_marker, MtmdBitmap, MtmdContext, MtmdContextParams, MtmdInputChunkType, MtmdInputText};
+use llama_cpp_2::mtmd::{
+    mtmd_default_marker, MtmdBitmap, MtmdContext, MtmdContextParams, MtmdInputChunkType, MtmdInputText,
+};
 use llama_cpp_2::token::LlamaToken;
 
 struct Args {
@@ -111,7 +113,14 @@ fn main() {
     let model = LlamaModel::load(&file).unwrap();
     let backend = Backend::cpu(a.threads).unwrap();
     let peer_model = PeerModel::load_from_file(&backend_peer, &a.model, &LlamaModelParams::default()).unwrap();
-    println!("model {}  threads {}  reps {}  ggml {}  CPU: {}", a.model, a.threads, a.reps, ggml::version(), ggml::cpu_features());
+    println!(
+        "model {}  threads {}  reps {}  ggml {}  CPU: {}",
+        a.model,
+        a.threads,
+        a.reps,
+        ggml::version(),
+        ggml::cpu_features()
+    );
 
     let (mut o_pp, mut o_tg, mut p_pp, mut p_tg) = (vec![], vec![], vec![], vec![]);
     for _ in 0..a.reps {
@@ -134,7 +143,12 @@ fn main() {
         let mut enc = VisionEncoder::new(&vmodel, &[&backend]).unwrap();
         let s = vmodel.hp.image_size;
         let px = vec![0.1f32; 3 * s * s];
-        let params = MtmdContextParams { use_gpu: false, print_timings: false, n_threads: a.threads as i32, ..Default::default() };
+        let params = MtmdContextParams {
+            use_gpu: false,
+            print_timings: false,
+            n_threads: a.threads as i32,
+            ..Default::default()
+        };
         let mut mtmd = MtmdContext::init_from_file(mm, &peer_model, &params).unwrap();
         let rgb = vec![128u8; 3 * s * s];
         let bitmap = MtmdBitmap::from_image_data(s as u32, s as u32, &rgb).unwrap();
@@ -143,9 +157,13 @@ fn main() {
             let t = Instant::now();
             enc.encode_pixels(&px, 1).unwrap();
             o.push(t.elapsed().as_secs_f64() * 1e3);
-            let text = MtmdInputText { text: mtmd_default_marker().to_string(), add_special: false, parse_special: true };
+            let text =
+                MtmdInputText { text: mtmd_default_marker().to_string(), add_special: false, parse_special: true };
             let chunks = mtmd.tokenize(text, &[&bitmap]).unwrap();
-            let img = (0..chunks.len()).filter_map(|i| chunks.get(i)).find(|c| c.chunk_type() == MtmdInputChunkType::Image).unwrap();
+            let img = (0..chunks.len())
+                .filter_map(|i| chunks.get(i))
+                .find(|c| c.chunk_type() == MtmdInputChunkType::Image)
+                .unwrap();
             let t = Instant::now();
             mtmd.encode_chunk(&img).unwrap();
             p.push(t.elapsed().as_secs_f64() * 1e3);

@@ -37,11 +37,15 @@ pub struct ConvertArgs {
 }
 
 fn parse_llm_type(s: &str) -> Result<LlmType, String> {
-    LlmType::parse(s).ok_or_else(|| format!("unknown type {s:?}; one of: {}", LlmType::all().map(|t| t.name()).collect::<Vec<_>>().join(" ")))
+    LlmType::parse(s).ok_or_else(|| {
+        format!("unknown type {s:?}; one of: {}", LlmType::all().map(|t| t.name()).collect::<Vec<_>>().join(" "))
+    })
 }
 
 fn parse_mmproj_type(s: &str) -> Result<MmprojType, String> {
-    MmprojType::parse(s).ok_or_else(|| format!("unknown type {s:?}; one of: {}", MmprojType::all().map(|t| t.name()).collect::<Vec<_>>().join(" ")))
+    MmprojType::parse(s).ok_or_else(|| {
+        format!("unknown type {s:?}; one of: {}", MmprojType::all().map(|t| t.name()).collect::<Vec<_>>().join(" "))
+    })
 }
 
 pub fn run(args: ConvertArgs) -> Result<()> {
@@ -64,7 +68,8 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     // Ctrl-C stops the conversion between chunks; the .part files are removed on the way out.
     let cancel = Arc::new(AtomicBool::new(false));
     let flag = cancel.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed)).map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))?;
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))?;
     let written = asagi_convert::write(&conversion, &opts, &cancel)?;
     for w in &written {
         eprintln!("wrote {} ({:.1} MiB, {:.1} s)", w.path.display(), w.bytes as f64 / 1048576.0, w.seconds);

@@ -46,7 +46,12 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let t = Instant::now();
     let size = synth::size("tiny")?;
     let bytes = synth::write(&size, &hf, 1, true)?;
-    eprintln!("[1/4] synth: tiny Asagi-shaped checkpoint ({:.1} MB bf16, random weights) in {} ({:.2} s)", bytes as f64 / 1e6, hf.display(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "[1/4] synth: tiny Asagi-shaped checkpoint ({:.1} MB bf16, random weights) in {} ({:.2} s)",
+        bytes as f64 / 1e6,
+        hf.display(),
+        t.elapsed().as_secs_f64()
+    );
 
     let t = Instant::now();
     let opts = Options {
@@ -85,6 +90,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         n_predict: a.n_predict,
         decoding: run_cmd::default_decoding(),
         ctx_size: Some(1024),
+        n_gpu_layers: 0,
         cache_type: "f16".into(),
         threads: Some(threads),
         json: false,

@@ -90,7 +90,13 @@ fn single(
     Ok(Generated { tokens, eos: None, score: None })
 }
 
-fn beams(session: &mut Session<'_>, cfg: &GenerationConfig, history: &[u32], logits: Vec<f32>, mut pos: i32) -> Result<Vec<Generated>> {
+fn beams(
+    session: &mut Session<'_>,
+    cfg: &GenerationConfig,
+    history: &[u32],
+    logits: Vec<f32>,
+    mut pos: i32,
+) -> Result<Vec<Generated>> {
     let k = cfg.num_beams;
     if k > MAX_SEQ || k > session.n_ubatch() {
         bail!("--num-beams {k} is more than this session supports ({})", MAX_SEQ.min(session.n_ubatch()));
@@ -106,10 +112,19 @@ fn beams(session: &mut Session<'_>, cfg: &GenerationConfig, history: &[u32], log
         }
         // New beam i continues old row reorder[i]: relabel the cache cells, then feed each beam its token.
         session.cache.reorder(&step.reorder);
-        let batch = Batch { input: Input::Tokens(&step.tokens), pos: vec![pos; k], seq: (0..k).collect(), logits: vec![true; k] };
+        let batch = Batch {
+            input: Input::Tokens(&step.tokens),
+            pos: vec![pos; k],
+            seq: (0..k).collect(),
+            logits: vec![true; k],
+        };
         let out = session.decode(&batch)?;
         rows = out.chunks(n_vocab).map(|c| c.to_vec()).collect();
         pos += 1;
     }
-    Ok(search.finalize().into_iter().map(|h| Generated { tokens: h.tokens, eos: h.eos, score: Some(h.score) }).collect())
+    Ok(search
+        .finalize()
+        .into_iter()
+        .map(|h| Generated { tokens: h.tokens, eos: h.eos, score: Some(h.score) })
+        .collect())
 }

@@ -56,7 +56,15 @@ pub fn report(path: &Path) -> Result<String> {
     let mut out = String::new();
     let infos = file.tensor_infos();
     let keys = file.keys();
-    writeln!(out, "{}: GGUF v{}, {} keys, {} tensors, alignment {}", path.display(), file.version(), keys.len(), infos.len(), file.alignment())?;
+    writeln!(
+        out,
+        "{}: GGUF v{}, {} keys, {} tensors, alignment {}",
+        path.display(),
+        file.version(),
+        keys.len(),
+        infos.len(),
+        file.alignment()
+    )?;
     writeln!(out, "\nmetadata:")?;
     let width = keys.iter().map(|k| k.len()).max().unwrap_or(0);
     for key in &keys {

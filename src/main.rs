@@ -56,7 +56,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let t0 = std::time::Instant::now();
             let s = asagi_gguf::synth::size(&size)?;
             let bytes = asagi_gguf::synth::write(&s, &out, seed, force)?;
-            eprintln!("wrote {} ({} bf16 checkpoint, {:.2} GB) in {:.1} s", out.display(), s.name, bytes as f64 / 1e9, t0.elapsed().as_secs_f64());
+            eprintln!(
+                "wrote {} ({} bf16 checkpoint, {:.2} GB) in {:.1} s",
+                out.display(),
+                s.name,
+                bytes as f64 / 1e9,
+                t0.elapsed().as_secs_f64()
+            );
         }
         Command::Info { file } => print!("{}", asagi_gguf::info::report(&file)?),
         Command::SystemInfo => {
@@ -79,7 +85,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    // llama.cpp spells the GPU-layer flag `-ngl`; clap's short flags are one letter, so map it to the long form.
+    let args = std::env::args_os().map(|a| if a == "-ngl" { "--n-gpu-layers".into() } else { a });
+    match run(Cli::parse_from(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -13,7 +13,11 @@ pub enum Segment<'a> {
 }
 
 /// Splits `ids` at the `<image>` tokens and pairs each with the next image. Errors if the counts differ.
-pub fn segments<'a>(ids: &'a [u32], image_token: Option<u32>, images: &'a [ImageEmbedding]) -> Result<Vec<Segment<'a>>> {
+pub fn segments<'a>(
+    ids: &'a [u32],
+    image_token: Option<u32>,
+    images: &'a [ImageEmbedding],
+) -> Result<Vec<Segment<'a>>> {
     let n_marks = image_token.map_or(0, |t| ids.iter().filter(|&&x| x == t).count());
     if n_marks != images.len() {
         bail!("the prompt has {n_marks} <image> token(s) but {} image(s) were given", images.len());
@@ -36,7 +40,12 @@ pub fn segments<'a>(ids: &'a [u32], image_token: Option<u32>, images: &'a [Image
 
 /// Prefills sequence `seq` with the expanded prompt from position 0. Returns the logits (every position if
 /// `all_logits`, else the last) and the number of positions used.
-pub fn prefill(session: &mut Session<'_>, segs: &[Segment<'_>], seq: usize, all_logits: bool) -> Result<(Vec<f32>, i32)> {
+pub fn prefill(
+    session: &mut Session<'_>,
+    segs: &[Segment<'_>],
+    seq: usize,
+    all_logits: bool,
+) -> Result<(Vec<f32>, i32)> {
     let n_embd = session.model.hp.n_embd;
     let mut pos = 0i32;
     let mut logits = Vec::new();
@@ -46,7 +55,10 @@ pub fn prefill(session: &mut Session<'_>, segs: &[Segment<'_>], seq: usize, all_
             Segment::Tokens(t) => (Input::Tokens(t), t.len()),
             Segment::Image(img) => {
                 if img.data.len() != img.n_tokens * n_embd {
-                    bail!("image embeddings of width {} do not fit the language model's {n_embd}", img.data.len() / img.n_tokens.max(1));
+                    bail!(
+                        "image embeddings of width {} do not fit the language model's {n_embd}",
+                        img.data.len() / img.n_tokens.max(1)
+                    );
                 }
                 (Input::Embeddings(&img.data), img.n_tokens)
             }

@@ -10,11 +10,11 @@ use ggml::{Backend, Type};
 use serde_json::json;
 
 use crate::generate;
-use crate::sampling::GenerationConfig;
 use crate::llm::{LlamaModel, Session, SessionParams};
 use crate::multimodal;
-use crate::vision::{VisionEncoder, VisionModel};
+use crate::sampling::GenerationConfig;
 use crate::tokenizer::Tokenizer;
+use crate::vision::{VisionEncoder, VisionModel};
 
 /// Asagi's instruction template (model card; training code's pre/post prompt). `{images}` holds one
 /// "<image>\n" per image.
@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// Context size in tokens [default: the model's training context].
     #[arg(short = 'c', long)]
     pub ctx_size: Option<usize>,
+    /// Layers to run on the GPU (the last N blocks; more than the block count also takes the output layer).
+    /// Needs a build with --features cuda, metal or vulkan.
+    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0)]
+    pub n_gpu_layers: usize,
     /// KV cache type: f16, f32 or q8_0.
     #[arg(long, default_value = "f16")]
     pub cache_type: String,
@@ -154,11 +158,23 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let mut file = GgufFile::open(&args.model)?;
     file.map_weights()?;
-    let model = LlamaModel::load(&file)?;
     let (tok, _) = Tokenizer::from_gguf(&file)?;
     let backend = Backend::cpu(args.threads.unwrap_or_else(num_cpus::get_physical))?;
+    // -ngl: upload the offloaded layers to the GPU; the scheduler runs each op where its weights are.
+    let gpu = match args.n_gpu_layers {
+        0 => None,
+        _ => Some(Backend::first_gpu().context(
+            "-ngl needs a GPU: this build has no GPU backend or found no device (build with --features cuda, metal or vulkan)",
+        )?),
+    };
+    let device = match &gpu {
+        Some(g) => Some(file.upload(&crate::llm::offloaded_tensors(&file, args.n_gpu_layers)?, g)?),
+        None => None,
+    };
+    let model = LlamaModel::load_with(&file, device.as_ref())?;
+    let backends: Vec<&Backend> = gpu.iter().chain([&backend]).collect();
     let n_ctx = args.ctx_size.unwrap_or(model.hp.n_ctx_train);
-    let mut session = Session::new(&model, &[&backend], &SessionParams { n_ctx, cache_type, ..Default::default() })?;
+    let mut session = Session::new(&model, &backends, &SessionParams { n_ctx, cache_type, ..Default::default() })?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let text = match (&args.prompt, &args.raw_prompt) {
@@ -178,9 +194,14 @@ pub fn run(args: RunArgs) -> Result<()> {
             mfile.map_weights()?;
             let vmodel = VisionModel::load(&mfile)?;
             if vmodel.hp.n_mmproj != model.hp.n_embd {
-                bail!("{} projects to {} values but the language model's embeddings have {}", mm.display(), vmodel.hp.n_mmproj, model.hp.n_embd);
+                bail!(
+                    "{} projects to {} values but the language model's embeddings have {}",
+                    mm.display(),
+                    vmodel.hp.n_mmproj,
+                    model.hp.n_embd
+                );
             }
-            let mut enc = VisionEncoder::new(&vmodel, &[&backend])?;
+            let mut enc = VisionEncoder::new(&vmodel, &backends)?;
             args.images.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>()?
         }
     };
@@ -242,7 +263,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !images.is_empty() {
         eprintln!("image encode     = {image_ms:10.2} ms / {:5} images", images.len());
     }
-    eprintln!("prompt eval time = {prompt_ms:10.2} ms / {pos:5} tokens ({:8.2} tokens per second)", pos as f64 / (prompt_ms / 1e3));
+    eprintln!(
+        "prompt eval time = {prompt_ms:10.2} ms / {pos:5} tokens ({:8.2} tokens per second)",
+        pos as f64 / (prompt_ms / 1e3)
+    );
     eprintln!(
         "eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second{})",
         generated.len(),

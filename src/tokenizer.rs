@@ -52,7 +52,10 @@ impl Tokenizer {
             _ => (rebuild(f, &tokens, &types)?, Source::RebuiltFromVocab),
         };
         let find = |s: &str| tokens.iter().position(|t| t == s).map(|i| i as u32);
-        let mut eog: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"].iter().filter_map(|k| id_key(f, k)).collect();
+        let mut eog: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| id_key(f, k))
+            .collect();
         eog.extend(find("<pad>"));
         eog.sort();
         eog.dedup();
@@ -136,7 +139,10 @@ fn rebuild(f: &GgufFile, tokens: &[String], types: &[i32]) -> Result<tokenizers:
     };
     let model = f.str("tokenizer.ggml.model").unwrap_or_default();
     if model != "llama" {
-        bail!("{}: tokenizer.ggml.model is {model:?}; only SentencePiece (\"llama\") vocabularies can be rebuilt", f.path().display());
+        bail!(
+            "{}: tokenizer.ggml.model is {model:?}; only SentencePiece (\"llama\") vocabularies can be rebuilt",
+            f.path().display()
+        );
     }
     let unk = id_key(f, "tokenizer.ggml.unknown_token_id").unwrap_or(0);
     let bos = id_key(f, "tokenizer.ggml.bos_token_id");
@@ -150,7 +156,11 @@ fn rebuild(f: &GgufFile, tokens: &[String], types: &[i32]) -> Result<tokenizers:
         .map(|(i, &t)| json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": t == 3}))
         .collect();
     let mut normalizers = vec![json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"})];
-    let mut decoders = vec![json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
+    let mut decoders = vec![
+        json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
+        json!({"type": "ByteFallback"}),
+        json!({"type": "Fuse"}),
+    ];
     if prefix {
         normalizers.insert(0, json!({"type": "Prepend", "prepend": "▁"}));
         decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
@@ -172,5 +182,6 @@ fn rebuild(f: &GgufFile, tokens: &[String], types: &[i32]) -> Result<tokenizers:
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {"type": "Unigram", "unk_id": unk, "vocab": vocab, "byte_fallback": true}
     });
-    tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&j)?).map_err(|e| anyhow!("{}: rebuilding the tokenizer: {e}", f.path().display()))
+    tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&j)?)
+        .map_err(|e| anyhow!("{}: rebuilding the tokenizer: {e}", f.path().display()))
 }

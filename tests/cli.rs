@@ -13,7 +13,9 @@ fn demo_then_info_tokenize_and_run() {
     let out = bin().args(["demo", "-n", "4", "-t", "2", "--dir"]).arg(dir.path()).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed: {err}");
-    for step in ["[1/4] synth", "[2/4] convert", "[3/4] image", "[4/4] run", "image encode", "prompt eval time", "eval time"] {
+    for step in
+        ["[1/4] synth", "[2/4] convert", "[3/4] image", "[4/4] run", "image encode", "prompt eval time", "eval time"]
+    {
         assert!(err.contains(step), "demo output lacks {step:?}: {err}");
     }
     let llm = dir.path().join("asagi-tiny-Q4_K_M.gguf");
@@ -21,7 +23,10 @@ fn demo_then_info_tokenize_and_run() {
 
     let info = bin().arg("info").arg(&llm).output().unwrap();
     let text = String::from_utf8_lossy(&info.stdout);
-    assert!(info.status.success() && text.contains("general.architecture") && text.contains("blk.1.ffn_down.weight"), "{text}");
+    assert!(
+        info.status.success() && text.contains("general.architecture") && text.contains("blk.1.ffn_down.weight"),
+        "{text}"
+    );
 
     let tok = bin().args(["tokenize", "--json", "-m"]).arg(&llm).arg("<image>\nこんにちは").output().unwrap();
     let ids: Vec<u32> = serde_json::from_slice(&tok.stdout).unwrap();
@@ -49,7 +54,13 @@ fn demo_then_info_tokenize_and_run() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1), "{err}");
     assert!(err.starts_with("error: ") && err.contains("--mmproj"), "{err}");
-    let bad = bin().args(["run", "-p", "x", "--image", "nope.png", "--mmproj"]).arg(&mmproj).arg("-m").arg(&llm).output().unwrap();
+    let bad = bin()
+        .args(["run", "-p", "x", "--image", "nope.png", "--mmproj"])
+        .arg(&mmproj)
+        .arg("-m")
+        .arg(&llm)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1), "{err}");
     assert!(err.contains("nope.png"), "{err}");

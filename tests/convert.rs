@@ -79,8 +79,13 @@ fn cfg_usize(cfg: &serde_json::Value, path: &str) -> usize {
 }
 
 fn check_llm(path: &Path, dir: &Path, ty: LlmType) {
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let (h, n_layer, n_head) = (cfg_usize(&cfg, "text_config.hidden_size"), cfg_usize(&cfg, "text_config.num_hidden_layers"), cfg_usize(&cfg, "text_config.num_attention_heads"));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let (h, n_layer, n_head) = (
+        cfg_usize(&cfg, "text_config.hidden_size"),
+        cfg_usize(&cfg, "text_config.num_hidden_layers"),
+        cfg_usize(&cfg, "text_config.num_attention_heads"),
+    );
     let n_kv = cfg_usize(&cfg, "text_config.num_key_value_heads");
     let ffn = cfg_usize(&cfg, "text_config.intermediate_size");
     let hd = h / n_head;
@@ -122,18 +127,25 @@ fn check_llm(path: &Path, dir: &Path, ty: LlmType) {
     };
     assert_eq!(tokens.len(), n_vocab, "one token per embedding row");
     assert_eq!((tokens[1200].as_str(), tokens[1201].as_str()), ("<image>", "<pad>"));
-    assert!(matches!(f.get("tokenizer.ggml.scores"), Some(Value::Array(ggml::gguf::Array::F32(s))) if s.len() == n_vocab));
+    assert!(
+        matches!(f.get("tokenizer.ggml.scores"), Some(Value::Array(ggml::gguf::Array::F32(s))) if s.len() == n_vocab)
+    );
     match f.get("tokenizer.ggml.token_type") {
         Some(Value::Array(ggml::gguf::Array::I32(t))) => {
             assert_eq!(t.len(), n_vocab);
-            assert_eq!((t[0], t[1], t[2], t[8], t[1200], t[1201]), (2, 3, 3, 6, 3, 3), "unk, bos, eos, <0x00>, <image>, <pad>");
+            assert_eq!(
+                (t[0], t[1], t[2], t[8], t[1200], t[1201]),
+                (2, 3, 3, 6, 3, 3),
+                "unk, bos, eos, <0x00>, <image>, <pad>"
+            );
             assert!(t[1202..].iter().all(|&x| x == 5), "padding rows are UNUSED");
         }
         other => panic!("tokenizer.ggml.token_type: {other:?}"),
     }
 
     // Exactly llama's tensors, in llama.cpp's names, types from the mix table, values from the checkpoint.
-    let mut expected: Vec<(String, String, Vec<usize>)> = vec![("token_embd.weight".into(), "language_model.model.embed_tokens.weight".into(), vec![h, n_vocab])];
+    let mut expected: Vec<(String, String, Vec<usize>)> =
+        vec![("token_embd.weight".into(), "language_model.model.embed_tokens.weight".into(), vec![h, n_vocab])];
     for i in 0..n_layer {
         let l = |s: &str| format!("language_model.model.layers.{i}.{s}");
         expected.extend([
@@ -166,9 +178,11 @@ fn check_llm(path: &Path, dir: &Path, ty: LlmType) {
 }
 
 fn check_mmproj(path: &Path, dir: &Path, mm: MmprojType) {
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let v = |k: &str| cfg_usize(&cfg, &format!("vision_config.{k}"));
-    let (h, ffn, n_layer, image, patch) = (v("hidden_size"), v("intermediate_size"), v("num_hidden_layers"), v("image_size"), v("patch_size"));
+    let (h, ffn, n_layer, image, patch) =
+        (v("hidden_size"), v("intermediate_size"), v("num_hidden_layers"), v("image_size"), v("patch_size"));
     let n_used = n_layer - 1; // vision_feature_layer -2
     let quantized = matches!(mm, MmprojType::Q8_0 | MmprojType::Q5_0 | MmprojType::Q4_0);
     let ffn_out = if quantized { ffn.div_ceil(32) * 32 } else { ffn };
@@ -192,11 +206,18 @@ fn check_mmproj(path: &Path, dir: &Path, mm: MmprojType) {
     }
     assert_eq!(f.get("clip.vision.feature_layer"), Some(Value::Array(ggml::gguf::Array::I32(vec![n_used as i32]))));
     assert_eq!(f.f32("clip.vision.attention.layer_norm_epsilon").unwrap(), 1e-6);
-    assert_eq!(f.str("asagi.vision.feature_select_strategy").unwrap(), cfg["vision_feature_select_strategy"].as_str().unwrap());
+    assert_eq!(
+        f.str("asagi.vision.feature_select_strategy").unwrap(),
+        cfg["vision_feature_select_strategy"].as_str().unwrap()
+    );
 
     let ckpt = Checkpoint::open(dir).unwrap();
-    let names: BTreeMap<&str, &ggml::gguf::TensorInfo> = f.tensor_infos().iter().map(|t| (t.name.as_str(), t)).collect();
-    assert!(!names.keys().any(|n| n.contains("post_ln") || n.contains(&format!("blk.{n_used}."))), "dropped tensors written");
+    let names: BTreeMap<&str, &ggml::gguf::TensorInfo> =
+        f.tensor_infos().iter().map(|t| (t.name.as_str(), t)).collect();
+    assert!(
+        !names.keys().any(|n| n.contains("post_ln") || n.contains(&format!("blk.{n_used}."))),
+        "dropped tensors written"
+    );
     assert_eq!(names.len(), 3 + 16 * n_used + 4);
     for (name, info) in &names {
         let src = if let Some(rest) = name.strip_prefix("mm.") {
@@ -209,15 +230,30 @@ fn check_mmproj(path: &Path, dir: &Path, mm: MmprojType) {
                 .map(|(g, hf)| rest.replacen(g, hf, 1))
                 .unwrap_or_else(|| {
                     let r = rest.replacen("blk.", "encoder.layers.", 1);
-                    [("ln1", "layer_norm1"), ("ln2", "layer_norm2"), ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"), ("attn_out", "self_attn.out_proj"), ("ffn_up", "mlp.fc1"), ("ffn_down", "mlp.fc2")]
-                        .iter()
-                        .fold(r, |r, (g, hf)| r.replace(&format!(".{g}."), &format!(".{hf}.")))
+                    [
+                        ("ln1", "layer_norm1"),
+                        ("ln2", "layer_norm2"),
+                        ("attn_q", "self_attn.q_proj"),
+                        ("attn_k", "self_attn.k_proj"),
+                        ("attn_v", "self_attn.v_proj"),
+                        ("attn_out", "self_attn.out_proj"),
+                        ("ffn_up", "mlp.fc1"),
+                        ("ffn_down", "mlp.fc2"),
+                    ]
+                    .iter()
+                    .fold(r, |r, (g, hf)| r.replace(&format!(".{g}."), &format!(".{hf}.")))
                 });
             format!("vision_tower.vision_model.{hf}")
         };
         let (shape, w) = source(&ckpt, &src);
         let w = if name.contains("ffn_up") {
-            pad(&w, shape[0], if shape.len() > 1 { shape[1] } else { 1 }, ffn_out, if shape.len() > 1 { shape[1] } else { 1 })
+            pad(
+                &w,
+                shape[0],
+                if shape.len() > 1 { shape[1] } else { 1 },
+                ffn_out,
+                if shape.len() > 1 { shape[1] } else { 1 },
+            )
         } else if name.contains("ffn_down.weight") {
             pad(&w, shape[0], shape[1], shape[0], ffn_out)
         } else {
@@ -242,7 +278,11 @@ fn every_variant_and_type_converts_and_reads_back() {
             check_llm(&llm, &dir, ty);
             check_mmproj(&mmproj, &dir, mm);
         }
-        let left: Vec<_> = std::fs::read_dir(out.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.path().extension().is_some_and(|x| x == "part")).collect();
+        let left: Vec<_> = std::fs::read_dir(out.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+            .collect();
         assert!(left.is_empty(), "temporary files left: {left:?}");
     }
 }
@@ -254,7 +294,9 @@ fn dry_run_writes_nothing_and_existing_files_need_force() {
     let mut opts = options(&dir, out.path(), LlmType::Q4KM, MmprojType::Q8_0);
     let c = asagi_convert::plan(&opts).unwrap();
     let table = asagi_convert::describe(&c);
-    assert!(table.contains("blk.1.attn_v.weight") && table.contains("q6_K") && table.contains("v.blk.1.ffn_down.weight"));
+    assert!(
+        table.contains("blk.1.attn_v.weight") && table.contains("q6_K") && table.contains("v.blk.1.ffn_down.weight")
+    );
     assert_eq!(std::fs::read_dir(out.path()).unwrap().count(), 0, "planning wrote files");
 
     asagi_convert::write(&c, &opts, &AtomicBool::new(false)).unwrap();

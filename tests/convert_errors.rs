@@ -64,48 +64,58 @@ fn assert_mentions(err: &str, parts: &[&str]) {
 #[test]
 fn missing_tensor() {
     let name = "language_model.model.layers.1.mlp.down_proj.weight";
-    let err = convert_error(|d| edit_tensors(d, |t| {
-        t.remove(name);
-    }));
+    let err = convert_error(|d| {
+        edit_tensors(d, |t| {
+            t.remove(name);
+        })
+    });
     assert_mentions(&err, &["has no tensor", name]);
 }
 
 #[test]
 fn extra_tensor() {
     let name = "language_model.model.layers.0.mlp.extra_proj.weight";
-    let err = convert_error(|d| edit_tensors(d, |t| {
-        t.insert(name.into(), (Dtype::F32, vec![2], vec![0; 8]));
-    }));
+    let err = convert_error(|d| {
+        edit_tensors(d, |t| {
+            t.insert(name.into(), (Dtype::F32, vec![2], vec![0; 8]));
+        })
+    });
     assert_mentions(&err, &["unexpected tensor", name, "model.safetensors"]);
 }
 
 #[test]
 fn misshaped_tensor() {
     let name = "language_model.model.layers.0.self_attn.k_proj.weight";
-    let err = convert_error(|d| edit_tensors(d, |t| {
-        let e = t.get_mut(name).unwrap();
-        e.1 = vec![128, 256];
-        e.2.truncate(128 * 256 * 4);
-    }));
+    let err = convert_error(|d| {
+        edit_tensors(d, |t| {
+            let e = t.get_mut(name).unwrap();
+            e.1 = vec![128, 256];
+            e.2.truncate(128 * 256 * 4);
+        })
+    });
     assert_mentions(&err, &[name, "shape", "[128, 256]"]);
 }
 
 #[test]
 fn unknown_dtype() {
     let name = "language_model.model.norm.weight";
-    let err = convert_error(|d| edit_tensors(d, |t| {
-        let e = t.get_mut(name).unwrap();
-        e.0 = Dtype::I32;
-    }));
+    let err = convert_error(|d| {
+        edit_tensors(d, |t| {
+            let e = t.get_mut(name).unwrap();
+            e.0 = Dtype::I32;
+        })
+    });
     assert_mentions(&err, &[name, "I32"]);
 }
 
 #[test]
 fn nan_in_weights() {
     let name = "language_model.model.layers.0.mlp.up_proj.weight";
-    let err = convert_error(|d| edit_tensors(d, |t| {
-        t.get_mut(name).unwrap().2[400..404].copy_from_slice(&f32::NAN.to_le_bytes());
-    }));
+    let err = convert_error(|d| {
+        edit_tensors(d, |t| {
+            t.get_mut(name).unwrap().2[400..404].copy_from_slice(&f32::NAN.to_le_bytes());
+        })
+    });
     assert_mentions(&err, &[name, "non-finite", "NaN", "index 100"]);
 }
 
@@ -142,9 +152,11 @@ fn corrupt_safetensors_header() {
 
 #[test]
 fn missing_config_key() {
-    let err = convert_error(|d| edit_json(&d.join("config.json"), |v| {
-        v["text_config"].as_object_mut().unwrap().remove("hidden_size");
-    }));
+    let err = convert_error(|d| {
+        edit_json(&d.join("config.json"), |v| {
+            v["text_config"].as_object_mut().unwrap().remove("hidden_size");
+        })
+    });
     assert_mentions(&err, &["config.json", "text_config.hidden_size"]);
 }
 
@@ -165,11 +177,20 @@ fn not_an_asagi_folder() {
 #[test]
 fn cli_reports_errors_on_one_line_with_exit_code_1() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_asagi-gguf")).args(args).current_dir(tmp.path()).output().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+            .args(args)
+            .current_dir(tmp.path())
+            .output()
+            .unwrap()
+    };
     let out = run(&["convert", tmp.path().to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.starts_with("error: ") && stderr.contains("config.json") && !stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains("config.json") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
     let out = run(&["convert", "x", "--outtype", "q3_k"]);
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }

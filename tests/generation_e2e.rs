@@ -19,7 +19,9 @@ fn beam_search_and_greedy_match_hf_generate() {
     for variant in fixtures::VARIANTS {
         let g = fixtures::goldens(variant);
         let out = tempfile::tempdir().unwrap();
-        let (llm, mmproj) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::F32, MmprojType::F32).unwrap();
+        let (llm, mmproj) =
+            common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::F32, MmprojType::F32)
+                .unwrap();
         let (mut lf, mut mf) = (GgufFile::open(&llm).unwrap(), GgufFile::open(&mmproj).unwrap());
         lf.map_weights().unwrap();
         mf.map_weights().unwrap();
@@ -51,7 +53,9 @@ fn beam_search_and_greedy_match_hf_generate() {
                 pad_token_id: g["pad_token_id"].as_u64().map(|x| x as u32),
                 ..Default::default()
             };
-            let mut s = Session::new(&model, &[&backend], &SessionParams { n_ctx: 512, n_ubatch: 64, cache_type: Type::F32 }).unwrap();
+            let mut s =
+                Session::new(&model, &[&backend], &SessionParams { n_ctx: 512, n_ubatch: 64, cache_type: Type::F32 })
+                    .unwrap();
             let segs = multimodal::segments(&ids, Some(image_token), &images).unwrap();
             let (logits, pos) = multimodal::prefill(&mut s, &segs, 0, false).unwrap();
             let got = generate::generate(&mut s, &cfg, &ids, logits, pos, |_| Ok(())).unwrap();
@@ -64,10 +68,17 @@ fn beam_search_and_greedy_match_hf_generate() {
                 let mut ours = gen.tokens.clone();
                 ours.extend(gen.eos);
                 assert_eq!(ours[..], w[..ours.len()], "{variant} {name} sequence {i}: tokens differ from HF");
-                assert!(w[ours.len()..].iter().all(|&t| Some(t) == cfg.pad_token()), "{variant} {name} sequence {i}: HF has more tokens");
-                if let Some(score) = case["sequences_scores"].as_array().and_then(|s| s.get(i)).and_then(|v| v.as_f64()) {
+                assert!(
+                    w[ours.len()..].iter().all(|&t| Some(t) == cfg.pad_token()),
+                    "{variant} {name} sequence {i}: HF has more tokens"
+                );
+                if let Some(score) = case["sequences_scores"].as_array().and_then(|s| s.get(i)).and_then(|v| v.as_f64())
+                {
                     let ours = gen.score.unwrap();
-                    assert!((ours - score).abs() <= 1e-4 * score.abs().max(1.0), "{variant} {name} sequence {i}: score {ours} vs HF {score}");
+                    assert!(
+                        (ours - score).abs() <= 1e-4 * score.abs().max(1.0),
+                        "{variant} {name} sequence {i}: score {ours} vs HF {score}"
+                    );
                 }
             }
             n_cases += 1;

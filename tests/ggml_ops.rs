@@ -46,8 +46,11 @@ fn softmax_causal_ref(s: &[f32], scale: f64) -> Vec<f64> {
     s.chunks(T)
         .enumerate()
         .flat_map(|(q, row)| {
-            let z: Vec<f64> =
-                row.iter().enumerate().map(|(k, &v)| if k <= q { v as f64 * scale } else { f64::NEG_INFINITY }).collect();
+            let z: Vec<f64> = row
+                .iter()
+                .enumerate()
+                .map(|(k, &v)| if k <= q { v as f64 * scale } else { f64::NEG_INFINITY })
+                .collect();
             let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let e: Vec<f64> = z.iter().map(|v| (v - m).exp()).collect();
             let sum: f64 = e.iter().sum();
@@ -66,8 +69,7 @@ fn small_graph_matches_rust_reference() {
     let x: Vec<f32> = common::uniform(&mut rng, D * T).iter().map(|v| v * 3.0).collect();
     let g = common::uniform(&mut rng, D);
     let s: Vec<f32> = common::uniform(&mut rng, T * T).iter().map(|v| v * 8.0).collect();
-    let mask: Vec<f32> =
-        (0..T * T).map(|i| if i % T <= i / T { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let mask: Vec<f32> = (0..T * T).map(|i| if i % T <= i / T { 0.0 } else { f32::NEG_INFINITY }).collect();
     let w = common::uniform(&mut rng, D * N_OUT);
 
     let backend = Backend::cpu(2).unwrap();
@@ -81,7 +83,8 @@ fn small_graph_matches_rust_reference() {
 
     let normed = ctx.mul(ctx.rms_norm(xt, EPS), gt).named("normed").set_output();
     let heads = ctx.reshape(xt, &[HD, D / HD, T]);
-    let roped = ctx.rope_ext(heads, pt, RopeParams::plain(HD, RopeMode::Normal, BASE, 4096)).named("roped").set_output();
+    let roped =
+        ctx.rope_ext(heads, pt, RopeParams::plain(HD, RopeMode::Normal, BASE, 4096)).named("roped").set_output();
     let probs = ctx.soft_max_ext(st, Some(mt), 0.125).named("probs").set_output();
     let act = ctx.gelu_erf(normed).named("act").set_output();
     let proj = ctx.mul_mat(wt, act).named("proj").set_output();

@@ -27,7 +27,7 @@ fn sample_values() -> Vec<(&'static str, Value)> {
         ("t.arr_f32", Value::Array(Array::F32(vec![0.5, -1.25, 3.0]))),
         ("t.arr_i32", Value::Array(Array::I32(vec![26]))),
         ("t.arr_bool", Value::Array(Array::Bool(vec![true, false, true]))),
-        ("t.arr_u8", Value::Array(Array::U8(vec![])))
+        ("t.arr_u8", Value::Array(Array::U8(vec![]))),
     ]
 }
 

@@ -13,12 +13,15 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::mtmd::{mtmd_default_marker, MtmdBitmap, MtmdContext, MtmdContextParams, MtmdInputChunkType, MtmdInputText};
+use llama_cpp_2::mtmd::{
+    mtmd_default_marker, MtmdBitmap, MtmdContext, MtmdContextParams, MtmdInputChunkType, MtmdInputText,
+};
 use llama_cpp_2::token::LlamaToken;
 
 /// Greedy decoding with llama.cpp: the argmax at each step (first index on ties, as torch.argmax).
 fn llama_cpp_greedy(backend: &LlamaBackend, model: &LlamaModel, prompt: &[i64], n: usize) -> Vec<i64> {
-    let params = LlamaContextParams::default().with_n_ctx(NonZeroU32::new(256)).with_n_threads(2).with_n_threads_batch(2);
+    let params =
+        LlamaContextParams::default().with_n_ctx(NonZeroU32::new(256)).with_n_threads(2).with_n_threads_batch(2);
     let mut ctx = model.new_context(backend, params).unwrap();
     let mut batch = LlamaBatch::new(256, 1);
     for (i, &t) in prompt.iter().enumerate() {
@@ -57,12 +60,16 @@ fn llama_cpp_loads_converted_files_and_matches_hf_greedy() {
             want.truncate(eos + 1);
         }
         let image_tokens = {
-            let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-            let side = cfg["vision_config"]["image_size"].as_u64().unwrap() / cfg["vision_config"]["patch_size"].as_u64().unwrap();
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+            let side = cfg["vision_config"]["image_size"].as_u64().unwrap()
+                / cfg["vision_config"]["patch_size"].as_u64().unwrap();
             (side * side) as usize // llama.cpp keeps every patch (it cannot drop patch 0)
         };
 
-        for (ty, mm) in [(LlmType::F32, MmprojType::F16), (LlmType::Q4KM, MmprojType::Q8_0), (LlmType::Q8_0, MmprojType::Q4_0)] {
+        for (ty, mm) in
+            [(LlmType::F32, MmprojType::F16), (LlmType::Q4KM, MmprojType::Q8_0), (LlmType::Q8_0, MmprojType::Q4_0)]
+        {
             let (llm, mmproj) = common::conversion::convert(&dir, out.path(), ty, mm).unwrap();
             let model = LlamaModel::load_from_file(&backend, &llm, &LlamaModelParams::default())
                 .unwrap_or_else(|e| panic!("llama.cpp refused {variant} {}: {e}", ty.name()));
@@ -75,9 +82,16 @@ fn llama_cpp_loads_converted_files_and_matches_hf_greedy() {
             let mut mtmd = MtmdContext::init_from_file(mmproj.to_str().unwrap(), &model, &params)
                 .unwrap_or_else(|e| panic!("mtmd refused {variant} mmproj {}: {e:?}", mm.name()));
             let bitmap = MtmdBitmap::from_file(&mtmd, image.to_str().unwrap(), false).unwrap();
-            let text = MtmdInputText { text: format!("{}\nhello", mtmd_default_marker()), add_special: true, parse_special: true };
+            let text = MtmdInputText {
+                text: format!("{}\nhello", mtmd_default_marker()),
+                add_special: true,
+                parse_special: true,
+            };
             let chunks = mtmd.tokenize(text, &[&bitmap]).unwrap();
-            let img = (0..chunks.len()).filter_map(|i| chunks.get(i)).find(|c| c.chunk_type() == MtmdInputChunkType::Image).expect("an image chunk");
+            let img = (0..chunks.len())
+                .filter_map(|i| chunks.get(i))
+                .find(|c| c.chunk_type() == MtmdInputChunkType::Image)
+                .expect("an image chunk");
             assert_eq!(img.n_tokens(), image_tokens, "{variant}: image tokens");
             mtmd.encode_chunk(&img).unwrap_or_else(|e| panic!("{variant} mmproj {}: encode failed: {e:?}", mm.name()));
         }

@@ -56,7 +56,8 @@ struct Case {
 
 fn case(variant: &str) -> Case {
     let g = fixtures::goldens(variant);
-    let mut greedy: Vec<u32> = fixtures::ids(&g["generate"]["greedy_text"]["new_tokens"][0]).iter().map(|&x| x as u32).collect();
+    let mut greedy: Vec<u32> =
+        fixtures::ids(&g["generate"]["greedy_text"]["new_tokens"][0]).iter().map(|&x| x as u32).collect();
     if let Some(e) = greedy.iter().position(|&t| t == 2) {
         greedy.truncate(e + 1);
     }
@@ -75,7 +76,8 @@ fn float_files_match_hf_logits_and_greedy() {
         // (file type, KV cache type, bound): an F32 file with an F32 cache must be HF's float32 math; F16 weights
         // and cache round to 11 bits. The bf16 checkpoint's references are computed from its bf16 weights in f32.
         for (ty, cache, bound) in [(LlmType::F32, Type::F32, 1e-4), (LlmType::F16, Type::F16, 2e-3)] {
-            let (llm, _) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), ty, MmprojType::F16).unwrap();
+            let (llm, _) =
+                common::conversion::convert(&fixtures::model_dir(variant), out.path(), ty, MmprojType::F16).unwrap();
             let (logits, v, greedy) = run(&llm, &c.prompt, cache, c.greedy.len());
             let err = rel_max_err(&logits, v, &c.logits);
             eprintln!("{variant} {} cache {cache}: logits max|ours-HF|/max|HF| = {err:.2e}", ty.name());
@@ -90,7 +92,9 @@ fn q8_0_greedy_matches_hf() {
     for variant in fixtures::VARIANTS {
         let c = case(variant);
         let out = tempfile::tempdir().unwrap();
-        let (llm, _) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::Q8_0, MmprojType::F16).unwrap();
+        let (llm, _) =
+            common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::Q8_0, MmprojType::F16)
+                .unwrap();
         let (_, _, greedy) = run(&llm, &c.prompt, Type::F16, c.greedy.len());
         assert_eq!(greedy, c.greedy, "{variant} q8_0: greedy tokens differ from HF");
     }
@@ -105,7 +109,8 @@ fn four_bit_files_agree_with_hf() {
         let c = case(variant);
         let out = tempfile::tempdir().unwrap();
         for (ty, min_agree, max_kl) in bounds {
-            let (llm, _) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), ty, MmprojType::F16).unwrap();
+            let (llm, _) =
+                common::conversion::convert(&fixtures::model_dir(variant), out.path(), ty, MmprojType::F16).unwrap();
             let (logits, v, _) = run(&llm, &c.prompt, Type::F16, 0);
             let (n, hv) = (c.logits.shape[0], c.logits.shape[1]);
             let (mut agree, mut kl) = (0usize, 0f64);
@@ -120,7 +125,41 @@ fn four_bit_files_agree_with_hf() {
             }
             let (agree, kl) = (agree as f64 / n as f64, kl / n as f64);
             eprintln!("{variant} {}: top-1 agreement {agree:.3}, mean KL {kl:.4}", ty.name());
-            assert!(agree >= min_agree && kl <= max_kl, "{variant} {}: agreement {agree:.3} (>= {min_agree}), KL {kl:.4} (<= {max_kl})", ty.name());
+            assert!(
+                agree >= min_agree && kl <= max_kl,
+                "{variant} {}: agreement {agree:.3} (>= {min_agree}), KL {kl:.4} (<= {max_kl})",
+                ty.name()
+            );
         }
     }
+}
+
+/// The `-ngl` path: layers copied into a backend buffer (here a CPU one: CI has no GPU) and used from there give
+/// exactly the logits of the memory-mapped weights.
+#[test]
+fn uploaded_layers_give_the_same_logits() {
+    let c = case("base-default-f32");
+    let out = tempfile::tempdir().unwrap();
+    let (llm, _) = common::conversion::convert(
+        &fixtures::model_dir("base-default-f32"),
+        out.path(),
+        LlmType::Q8_0,
+        MmprojType::F16,
+    )
+    .unwrap();
+    let mut file = GgufFile::open(&llm).unwrap();
+    file.map_weights().unwrap();
+    let backend = Backend::cpu(2).unwrap();
+    let names = asagi_gguf::llm::offloaded_tensors(&file, 99).unwrap();
+    assert_eq!(names.len(), file.tensor_infos().len() - 1, "all but token_embd");
+    let device = file.upload(&names, &backend).unwrap();
+    let logits = |model: &LlamaModel| {
+        let params = SessionParams { n_ctx: 128, n_ubatch: 128, cache_type: Type::F16 };
+        Session::new(model, &[&backend], &params).unwrap().prefill(Input::Tokens(&c.prompt), 0, 0, true).unwrap()
+    };
+    let mapped = logits(&LlamaModel::load(&file).unwrap());
+    let uploaded = logits(&LlamaModel::load_with(&file, Some(&device)).unwrap());
+    assert_eq!(mapped, uploaded);
+    let half = asagi_gguf::llm::offloaded_tensors(&file, 1).unwrap();
+    assert!(half.iter().all(|n| n.starts_with("blk.1.")) && half.len() == 9, "{half:?}");
 }

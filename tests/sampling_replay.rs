@@ -33,27 +33,13 @@ impl Trace {
         let goldens = common::fixtures::goldens(VARIANT);
         let meta = goldens["traces"][name].clone();
         assert!(meta.is_object(), "no trace {name} in goldens.json");
-        let dir = common::fixtures::root()
-            .join("golden")
-            .join(VARIANT)
-            .join("traces")
-            .join(name);
+        let dir = common::fixtures::root().join("golden").join(VARIANT).join("traces").join(name);
         let raw = npy::read(&dir.join("raw_logits.npy"));
         let scores = npy::read(&dir.join("scores.npy"));
-        assert_eq!(
-            raw.shape, scores.shape,
-            "{name}: raw_logits and scores shapes"
-        );
-        assert_eq!(
-            raw.shape[0] as u64,
-            meta["steps"].as_u64().unwrap(),
-            "{name}: steps"
-        );
+        assert_eq!(raw.shape, scores.shape, "{name}: raw_logits and scores shapes");
+        assert_eq!(raw.shape[0] as u64, meta["steps"].as_u64().unwrap(), "{name}: steps");
         let gen: Value = serde_json::from_str(
-            &std::fs::read_to_string(
-                common::fixtures::model_dir(VARIANT).join("generation_config.json"),
-            )
-            .unwrap(),
+            &std::fs::read_to_string(common::fixtures::model_dir(VARIANT).join("generation_config.json")).unwrap(),
         )
         .unwrap();
         let eos = match &gen["eos_token_id"] {
@@ -63,15 +49,7 @@ impl Trace {
         let pad = gen["pad_token_id"].as_u64().unwrap() as u32;
         let prompt = u32s(&meta["prompt_ids"]);
         assert_eq!(prompt.len() as u64, meta["prompt_length"].as_u64().unwrap());
-        Trace {
-            name: name.to_string(),
-            meta,
-            raw,
-            scores,
-            prompt,
-            eos,
-            pad,
-        }
+        Trace { name: name.to_string(), meta, raw, scores, prompt, eos, pad }
     }
 
     fn steps(&self) -> usize {
@@ -85,15 +63,10 @@ impl Trace {
     }
     fn at(&self, a: &Npy, step: usize, row: usize) -> Vec<f32> {
         let (r, v) = (self.rows(), self.vocab());
-        a.data[(step * r + row) * v..(step * r + row + 1) * v]
-            .iter()
-            .map(|&x| x as f32)
-            .collect()
+        a.data[(step * r + row) * v..(step * r + row + 1) * v].iter().map(|&x| x as f32).collect()
     }
     fn raw_rows(&self, step: usize) -> Vec<Vec<f32>> {
-        (0..self.rows())
-            .map(|r| self.at(&self.raw, step, r))
-            .collect()
+        (0..self.rows()).map(|r| self.at(&self.raw, step, r)).collect()
     }
     /// HF's history of `row` at `step` (step_input_ids), prompt included.
     fn history(&self, step: usize, row: usize) -> Vec<u32> {
@@ -102,11 +75,8 @@ impl Trace {
 
     /// The generation config of the trace: the model's generation_config.json, then the generate() kwargs.
     fn config(&self) -> GenerationConfig {
-        let mut c = GenerationConfig {
-            eos_token_ids: self.eos.clone(),
-            pad_token_id: Some(self.pad),
-            ..Default::default()
-        };
+        let mut c =
+            GenerationConfig { eos_token_ids: self.eos.clone(), pad_token_id: Some(self.pad), ..Default::default() };
         c.seed = self.meta["seed"].as_u64();
         for (k, v) in self.meta["params"].as_object().unwrap() {
             match k.as_str() {
@@ -135,12 +105,7 @@ impl Trace {
         assert_eq!(got.len(), want.len());
         let mut worst = 0f64;
         for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
-            let ctx = || {
-                format!(
-                    "{} step {step} row {row} token {i}: rust {g}, HF {w}",
-                    self.name
-                )
-            };
+            let ctx = || format!("{} step {step} row {row} token {i}: rust {g}, HF {w}", self.name);
             assert!(!w.is_nan() && !g.is_nan(), "{}", ctx());
             if w.is_infinite() || g.is_infinite() {
                 assert_eq!(g, w, "{}", ctx());
@@ -155,10 +120,7 @@ impl Trace {
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    common::fixtures::ids(v)
-        .into_iter()
-        .map(|x| u32::try_from(x).unwrap())
-        .collect()
+    common::fixtures::ids(v).into_iter().map(|x| u32::try_from(x).unwrap()).collect()
 }
 
 /// The `num_beams == 1` cases: processed scores every step; greedy must pick HF's tokens, sampling cases
@@ -170,11 +132,7 @@ fn replay_single_row(name: &str) {
     let mut sampler = Sampler::new(&cfg, t.prompt.len()).unwrap();
     let sequence = u32s(&t.meta["sequences"][0]);
     let draws = &t.meta["multinomial_draws"];
-    assert_eq!(
-        cfg.do_sample,
-        draws.is_array(),
-        "{name}: draws recorded iff sampling"
-    );
+    assert_eq!(cfg.do_sample, draws.is_array(), "{name}: draws recorded iff sampling");
     let mut history = t.prompt.clone();
     let mut worst = 0f64;
     for step in 0..t.steps() {
@@ -183,33 +141,21 @@ fn replay_single_row(name: &str) {
         worst = worst.max(t.check_scores(step, 0, &scores));
         let token = if cfg.do_sample {
             let d = draws[step][0][0].as_u64().unwrap() as u32;
-            let allowed =
-                scores[d as usize].is_finite() && t.at(&t.scores, step, 0)[d as usize].is_finite();
+            let allowed = scores[d as usize].is_finite() && t.at(&t.scores, step, 0)[d as usize].is_finite();
             assert!(allowed, "{name} step {step}: HF drew {d}, which is masked");
             // The Rust sampler's own draws from the same scores stay in the allowed set too.
             for _ in 0..64 {
                 let own = sampler.pick(&scores).unwrap();
-                assert!(
-                    scores[own as usize].is_finite(),
-                    "{name} step {step}: drew masked {own}"
-                );
+                assert!(scores[own as usize].is_finite(), "{name} step {step}: drew masked {own}");
             }
             d
         } else {
             sampler.pick(&scores).unwrap()
         };
-        assert_eq!(
-            token,
-            sequence[t.prompt.len() + step],
-            "{name} step {step}: token"
-        );
+        assert_eq!(token, sequence[t.prompt.len() + step], "{name} step {step}: token");
         history.push(token);
         if cfg.is_eos(token) {
-            assert_eq!(
-                step + 1,
-                t.steps(),
-                "{name}: EOS before the last recorded step"
-            );
+            assert_eq!(step + 1, t.steps(), "{name}: EOS before the last recorded step");
         }
     }
     assert_eq!(history, sequence, "{name}: final sequence");
@@ -243,11 +189,7 @@ fn replay_beams(name: &str) {
     let mut finished_at = None;
     for step in 0..t.steps() {
         for r in 0..k {
-            assert_eq!(
-                &t.history(step, r)[p..],
-                beam.beams()[r].as_slice(),
-                "{name} step {step} beam {r}: history"
-            );
+            assert_eq!(&t.history(step, r)[p..], beam.beams()[r].as_slice(), "{name} step {step} beam {r}: history");
         }
         let rows = t.raw_rows(step);
         let processed = beam.process_scores(&rows).unwrap();
@@ -255,10 +197,7 @@ fn replay_beams(name: &str) {
             worst = worst.max(t.check_scores(step, r, row));
         }
         let out = if cfg.do_sample {
-            let d: Vec<usize> = common::fixtures::ids(&draws[step][0])
-                .into_iter()
-                .map(|x| x as usize)
-                .collect();
+            let d: Vec<usize> = common::fixtures::ids(&draws[step][0]).into_iter().map(|x| x as usize).collect();
             assert_eq!(d.len(), cfg.beam_candidates(), "{name} step {step}: draws");
             let v = t.vocab();
             for &i in &d {
@@ -274,20 +213,12 @@ fn replay_beams(name: &str) {
             beam.step(&rows).unwrap()
         };
         assert_eq!(out.reorder.len(), k);
-        chains = out
-            .reorder
-            .iter()
-            .map(|&r| [chains[r].as_slice(), &[r as i64]].concat())
-            .collect();
+        chains = out.reorder.iter().map(|&r| [chains[r].as_slice(), &[r as i64]].concat()).collect();
         if step + 1 < t.steps() {
             for i in 0..k {
                 let mut want = t.history(step, out.reorder[i]);
                 want.push(out.tokens[i]);
-                assert_eq!(
-                    want,
-                    t.history(step + 1, i),
-                    "{name} step {step}: new beam {i} (reorder/token)"
-                );
+                assert_eq!(want, t.history(step + 1, i), "{name} step {step}: new beam {i} (reorder/token)");
             }
             assert!(!out.done, "{name}: done at step {step}, HF went on");
         } else {
@@ -301,18 +232,8 @@ fn replay_beams(name: &str) {
     let live = chains.clone();
     let live_beams = beam.beams().to_vec();
     let hyps = beam.finalize();
-    let sequences: Vec<Vec<u32>> = t.meta["sequences"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(u32s)
-        .collect();
-    let scores: Vec<f64> = t.meta["sequences_scores"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let sequences: Vec<Vec<u32>> = t.meta["sequences"].as_array().unwrap().iter().map(u32s).collect();
+    let scores: Vec<f64> = t.meta["sequences_scores"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
     assert_eq!(hyps.len(), cfg.num_return_sequences);
     assert_eq!(sequences.len(), hyps.len());
     let max_length = p + cfg.max_new_tokens.unwrap();
@@ -321,21 +242,13 @@ fn replay_beams(name: &str) {
         assert_eq!(hf_row(&t, h, width), sequences[i], "{name}: sequence {i}");
         // HF reports the f64 score as f32.
         let (got, want) = ((h.score as f32) as f64, scores[i]);
-        assert!(
-            (got - want).abs() <= tol(want),
-            "{name}: sequence score {i}: rust {got}, HF {want}"
-        );
-        println!(
-            "{name}: sequence {i} score rust {got} HF {want} (|diff| {:e})",
-            (got - want).abs()
-        );
+        assert!((got - want).abs() <= tol(want), "{name}: sequence score {i}: rust {got}, HF {want}");
+        println!("{name}: sequence {i} score rust {got} HF {want} (|diff| {:e})", (got - want).abs());
         if h.eos.is_none() {
             // An open beam: its HF beam_indices are the reorder chain of the live beam it came from.
             let j = live_beams.iter().position(|b| *b == h.tokens).unwrap();
-            let want_chain: Vec<i64> = common::fixtures::ids(&t.meta["beam_indices"][i])
-                .into_iter()
-                .filter(|&x| x >= 0)
-                .collect();
+            let want_chain: Vec<i64> =
+                common::fixtures::ids(&t.meta["beam_indices"][i]).into_iter().filter(|&x| x >= 0).collect();
             assert_eq!(live[j], want_chain, "{name}: beam_indices {i}");
         }
     }

@@ -15,10 +15,7 @@ use asagi_gguf::sampling::{BeamSearch, GenerationConfig, Sampler, SamplingRng};
 const ALPHA: f64 = 1e-4;
 
 fn seed(default: u64) -> u64 {
-    std::env::var("SAMPLING_STATS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    std::env::var("SAMPLING_STATS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
 /// Regularized upper incomplete gamma Q(a, x) (series below a+1, Lentz continued fraction above).
@@ -74,18 +71,11 @@ fn chi2_sf(stat: f64, df: usize) -> f64 {
 #[test]
 fn chi2_helper_matches_tables() {
     // Critical values at alpha 0.05 and 1e-4 from standard tables.
-    for (stat, df, p) in [
-        (3.841, 1, 0.05),
-        (18.307, 10, 0.05),
-        (15.137, 1, 1e-4),
-        (35.564, 10, 1e-4),
-        (124.342, 100, 0.05),
-    ] {
+    for (stat, df, p) in
+        [(3.841, 1, 0.05), (18.307, 10, 0.05), (15.137, 1, 1e-4), (35.564, 10, 1e-4), (124.342, 100, 0.05)]
+    {
         let got = chi2_sf(stat, df);
-        assert!(
-            (got - p).abs() / p < 2e-3,
-            "chi2 sf({stat}, {df}) = {got}, want {p}"
-        );
+        assert!((got - p).abs() / p < 2e-3, "chi2 sf({stat}, {df}) = {got}, want {p}");
     }
 }
 
@@ -94,10 +84,7 @@ fn check_fit(name: &str, seed: u64, q: &[f64], counts: &[u64]) {
     let n: u64 = counts.iter().sum();
     let nf = n as f64;
     for (i, (&qi, &c)) in q.iter().zip(counts).enumerate() {
-        assert!(
-            qi > 0.0 || c == 0,
-            "{name} (seed {seed}): {c} draws of category {i}, which has probability 0"
-        );
+        assert!(qi > 0.0 || c == 0, "{name} (seed {seed}): {c} draws of category {i}, which has probability 0");
     }
     let (mut stat, mut bins) = (0.0, 0usize);
     let (mut tail_e, mut tail_o) = (0.0, 0.0);
@@ -126,25 +113,11 @@ fn check_fit(name: &str, seed: u64, q: &[f64], counts: &[u64]) {
         bins += 1;
     }
     let support = q.iter().filter(|&&x| x > 0.0).count();
-    let p = if bins > 1 {
-        chi2_sf(stat, bins - 1)
-    } else {
-        1.0
-    };
+    let p = if bins > 1 { chi2_sf(stat, bins - 1) } else { 1.0 };
     println!("{name}: seed {seed}, N {n}, support {support}, chi2 {stat:.2} on {} df, p {p:.4}, max z {worst_z:.2}, TV {tv:.5}", bins.saturating_sub(1));
-    assert!(
-        p > ALPHA,
-        "{name} (seed {seed}): chi-square {stat:.2} on {} df, p = {p:e} <= {ALPHA}",
-        bins - 1
-    );
-    assert!(
-        worst_z < 5.0,
-        "{name} (seed {seed}): a category is {worst_z:.2} sigma off"
-    );
-    assert!(
-        tv < 3.0 * (support as f64 / nf).sqrt(),
-        "{name} (seed {seed}): total variation {tv}"
-    );
+    assert!(p > ALPHA, "{name} (seed {seed}): chi-square {stat:.2} on {} df, p = {p:e} <= {ALPHA}", bins - 1);
+    assert!(worst_z < 5.0, "{name} (seed {seed}): a category is {worst_z:.2} sigma off");
+    assert!(tv < 3.0 * (support as f64 / nf).sqrt(), "{name} (seed {seed}): total variation {tv}");
 }
 
 /// The HF warper chain in f64 (temperature, top-k, top-p, min-p, typical; min_tokens_to_keep 1), written from
@@ -171,9 +144,7 @@ impl Chain {
             let mut sorted = s.clone();
             sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
             let kth = sorted[k.min(s.len()) - 1];
-            s.iter_mut()
-                .filter(|x| **x < kth)
-                .for_each(|x| *x = f64::NEG_INFINITY);
+            s.iter_mut().filter(|x| **x < kth).for_each(|x| *x = f64::NEG_INFINITY);
         }
         if let Some(p) = self.top_p {
             let q = probs_of(&s);
@@ -184,10 +155,7 @@ impl Chain {
             let mut above = 0.0;
             let mut remove = Vec::new();
             for &i in &order {
-                assert!(
-                    (above - p).abs() > 1e-4 || q[i] == 0.0,
-                    "ill-posed top-p case: a boundary within 1e-4 of p"
-                );
+                assert!((above - p).abs() > 1e-4 || q[i] == 0.0, "ill-posed top-p case: a boundary within 1e-4 of p");
                 if above >= p {
                     remove.push(i);
                 }
@@ -199,10 +167,7 @@ impl Chain {
             let q = probs_of(&s);
             let top = q.iter().cloned().fold(0.0, f64::max);
             for (i, x) in s.iter_mut().enumerate() {
-                assert!(
-                    q[i] == 0.0 || (q[i] - m * top).abs() > 1e-6,
-                    "ill-posed min-p case"
-                );
+                assert!(q[i] == 0.0 || (q[i] - m * top).abs() > 1e-6, "ill-posed min-p case");
                 if q[i] < m * top {
                     *x = f64::NEG_INFINITY;
                 }
@@ -210,11 +175,7 @@ impl Chain {
         }
         if let Some(mass) = self.typical {
             let q = probs_of(&s);
-            let ent: f64 = -q
-                .iter()
-                .filter(|&&x| x > 0.0)
-                .map(|&x| x * x.ln())
-                .sum::<f64>();
+            let ent: f64 = -q.iter().filter(|&&x| x > 0.0).map(|&x| x * x.ln()).sum::<f64>();
             let shift: Vec<f64> = q.iter().map(|&x| (-x.ln() - ent).abs()).collect();
             let mut order: Vec<usize> = (0..s.len()).collect();
             order.sort_by(|&i, &j| shift[i].partial_cmp(&shift[j]).unwrap().then(i.cmp(&j)));
@@ -261,29 +222,17 @@ fn crafted() -> Vec<f32> {
 
 /// Draws `n` tokens with the crate's Sampler from `logits` (history `history`), checks the support against
 /// `expected` and the fit.
-fn run_sampler(
-    name: &str,
-    cfg: &GenerationConfig,
-    logits: &[f32],
-    history: &[u32],
-    expected: &[f64],
-    n: usize,
-) {
+fn run_sampler(name: &str, cfg: &GenerationConfig, logits: &[f32], history: &[u32], expected: &[f64], n: usize) {
     let seed = cfg.seed.unwrap();
     let mut sampler = Sampler::new(cfg, history.len()).unwrap();
     let scores = sampler.process(logits, history).unwrap();
-    let kept: Vec<usize> = (0..scores.len())
-        .filter(|&i| scores[i].is_finite())
-        .collect();
+    let kept: Vec<usize> = (0..scores.len()).filter(|&i| scores[i].is_finite()).collect();
     let want: Vec<usize> = (0..expected.len()).filter(|&i| expected[i] > 0.0).collect();
     assert_eq!(kept, want, "{name}: kept support");
     let mut counts = vec![0u64; logits.len()];
     for _ in 0..n {
         let t = sampler.pick(&scores).unwrap() as usize;
-        assert!(
-            expected[t] > 0.0,
-            "{name} (seed {seed}): drew {t}, outside the allowed set"
-        );
+        assert!(expected[t] > 0.0, "{name} (seed {seed}): drew {t}, outside the allowed set");
         counts[t] += 1;
     }
     check_fit(name, seed, expected, &counts);
@@ -295,104 +244,52 @@ fn crafted_case(name: &str, chain: Chain, default_seed: u64, expect_support: usi
     let z = crafted();
     let z64: Vec<f64> = z.iter().map(|&x| x as f64).collect();
     let q = chain.expected(&z64);
-    assert_eq!(
-        q.iter().filter(|&&x| x > 0.0).count(),
-        expect_support,
-        "{name}: analytic support size"
-    );
+    assert_eq!(q.iter().filter(|&&x| x > 0.0).count(), expect_support, "{name}: analytic support size");
     run_sampler(name, &chain.config(seed(default_seed)), &z, &[], &q, N);
 }
 
 #[test]
 fn temperature_only() {
-    let c = Chain {
-        temperature: 0.7,
-        top_k: None,
-        top_p: None,
-        min_p: None,
-        typical: None,
-    };
+    let c = Chain { temperature: 0.7, top_k: None, top_p: None, min_p: None, typical: None };
     crafted_case("temperature 0.7", c, 11, 31);
 }
 
 #[test]
 fn top_k_keeps_boundary_ties() {
-    let c = Chain {
-        temperature: 1.0,
-        top_k: Some(5),
-        top_p: None,
-        min_p: None,
-        typical: None,
-    };
+    let c = Chain { temperature: 1.0, top_k: Some(5), top_p: None, min_p: None, typical: None };
     crafted_case("top-k 5 (tie at the boundary)", c, 12, 6);
 }
 
 #[test]
 fn default_top_k_50_is_all_of_32() {
     // top_k left at HF's default 50 (> V): nothing removed beyond the -inf entry.
-    let c = Chain {
-        temperature: 1.3,
-        top_k: Some(50),
-        top_p: None,
-        min_p: None,
-        typical: None,
-    };
+    let c = Chain { temperature: 1.3, top_k: Some(50), top_p: None, min_p: None, typical: None };
     crafted_case("default top-k 50, T 1.3", c, 13, 31);
 }
 
 #[test]
 fn top_p() {
-    let c = Chain {
-        temperature: 1.3,
-        top_k: None,
-        top_p: Some(0.8),
-        min_p: None,
-        typical: None,
-    };
+    let c = Chain { temperature: 1.3, top_k: None, top_p: Some(0.8), min_p: None, typical: None };
     crafted_case("top-p 0.8, T 1.3", c, 14, 7);
-    let c = Chain {
-        temperature: 1.0,
-        top_k: None,
-        top_p: Some(0.5),
-        min_p: None,
-        typical: None,
-    };
+    let c = Chain { temperature: 1.0, top_k: None, top_p: Some(0.5), min_p: None, typical: None };
     crafted_case("top-p 0.5", c, 15, 3);
 }
 
 #[test]
 fn min_p_after_temperature() {
-    let c = Chain {
-        temperature: 0.9,
-        top_k: None,
-        top_p: None,
-        min_p: Some(0.1),
-        typical: None,
-    };
+    let c = Chain { temperature: 0.9, top_k: None, top_p: None, min_p: Some(0.1), typical: None };
     crafted_case("min-p 0.1, T 0.9", c, 16, 7);
 }
 
 #[test]
 fn typical() {
-    let c = Chain {
-        temperature: 1.0,
-        top_k: None,
-        top_p: None,
-        min_p: None,
-        typical: Some(0.6),
-    };
+    let c = Chain { temperature: 1.0, top_k: None, top_p: None, min_p: None, typical: Some(0.6) };
     crafted_case("typical 0.6", c, 17, 6);
 }
 
 #[test]
 fn whole_chain_in_order() {
-    let c = Chain {
-        temperature: 1.5,
-        top_k: Some(12),
-        top_p: Some(0.9),
-        min_p: Some(0.05),
-        typical: None,
-    };
+    let c = Chain { temperature: 1.5, top_k: Some(12), top_p: Some(0.9), min_p: Some(0.05), typical: None };
     crafted_case("T 1.5, top-k 12, top-p 0.9, min-p 0.05", c, 18, 9);
 }
 
@@ -400,19 +297,12 @@ fn whole_chain_in_order() {
 /// prompt, T 2, HF's default top-k 50 and top-p 0.95.
 #[test]
 fn real_logits_with_repetition_penalty() {
-    let logits = common::npy::read(
-        &common::fixtures::root().join("golden/base-default-f32/logits/img1.npy"),
-    );
+    let logits = common::npy::read(&common::fixtures::root().join("golden/base-default-f32/logits/img1.npy"));
     let v = logits.shape[1];
-    let last: Vec<f32> = logits.data[logits.data.len() - v..]
-        .iter()
-        .map(|&x| x as f32)
-        .collect();
+    let last: Vec<f32> = logits.data[logits.data.len() - v..].iter().map(|&x| x as f32).collect();
     let goldens = common::fixtures::goldens("base-default-f32");
-    let prompt: Vec<u32> = common::fixtures::ids(&goldens["prompts"]["img1"]["input_ids"])
-        .into_iter()
-        .map(|x| x as u32)
-        .collect();
+    let prompt: Vec<u32> =
+        common::fixtures::ids(&goldens["prompts"]["img1"]["input_ids"]).into_iter().map(|x| x as u32).collect();
     // Repetition penalty 1.5 in f64 on the f32 values (once per distinct id).
     let mut z: Vec<f64> = last.iter().map(|&x| x as f64).collect();
     let theta = 1.5f32;
@@ -423,30 +313,14 @@ fn real_logits_with_repetition_penalty() {
             z[t as usize] = (if s < 0.0 { s * theta } else { s / theta }) as f64;
         }
     }
-    let chain = Chain {
-        temperature: 2.0,
-        top_k: Some(50),
-        top_p: Some(0.95),
-        min_p: None,
-        typical: None,
-    };
+    let chain = Chain { temperature: 2.0, top_k: Some(50), top_p: Some(0.95), min_p: None, typical: None };
     let q = chain.expected(&z);
     let support = q.iter().filter(|&&x| x > 0.0).count();
-    assert!(
-        support >= 5,
-        "real-logits case too peaked to test ({support} tokens)"
-    );
+    assert!(support >= 5, "real-logits case too peaked to test ({support} tokens)");
     let mut cfg = chain.config(seed(19));
     cfg.repetition_penalty = 1.5;
     cfg.eos_token_ids = vec![2];
-    run_sampler(
-        "real logits, rep 1.5, T 2, top-k 50, top-p 0.95",
-        &cfg,
-        &last,
-        &prompt,
-        &q,
-        100_000,
-    );
+    run_sampler("real logits, rep 1.5, T 2, top-k 50, top-p 0.95", &cfg, &last, &prompt, &q, 100_000);
 }
 
 #[test]
@@ -513,32 +387,16 @@ fn beam_sample_candidate_sets() {
         p32.iter().map(|&x| x as f64 / t).collect()
     };
     let sets = subsets(7, 4);
-    let expected: Vec<f64> = sets
-        .iter()
-        .map(|s| {
-            if s.contains(&3) {
-                0.0
-            } else {
-                pl_set_probability(&p, s)
-            }
-        })
-        .collect();
+    let expected: Vec<f64> =
+        sets.iter().map(|s| if s.contains(&3) { 0.0 } else { pl_set_probability(&p, s) }).collect();
     assert!((expected.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-    let index: HashMap<Vec<usize>, usize> = sets
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, s)| (s, i))
-        .collect();
+    let index: HashMap<Vec<usize>, usize> = sets.iter().cloned().enumerate().map(|(i, s)| (s, i)).collect();
     let mut rng = SamplingRng::new(seed);
     let (mut set_counts, mut first_counts) = (vec![0u64; sets.len()], vec![0u64; 7]);
     let n = 200_000;
     for _ in 0..n {
         let d = without_replacement(&p32, 4, &[0.0; 7], &mut rng).unwrap();
-        assert!(
-            !d.contains(&3),
-            "seed {seed}: drew the zero-probability entry"
-        );
+        assert!(!d.contains(&3), "seed {seed}: drew the zero-probability entry");
         first_counts[d[0]] += 1;
         let mut s = d.clone();
         s.sort();
@@ -546,12 +404,7 @@ fn beam_sample_candidate_sets() {
         assert_eq!(s.len(), 4, "seed {seed}: repeated entry in {d:?}");
         set_counts[index[&s]] += 1;
     }
-    check_fit(
-        "without replacement: unordered 4-sets",
-        seed,
-        &expected,
-        &set_counts,
-    );
+    check_fit("without replacement: unordered 4-sets", seed, &expected, &set_counts);
     check_fit("without replacement: first draw", seed, &p, &first_counts);
 }
 
@@ -579,9 +432,7 @@ fn beam_sample_step_distribution() {
     };
     let l0 = logp(&z0);
     let beam_scores = [l0[0], l0[3]];
-    let flat: Vec<f64> = (0..8)
-        .map(|i| beam_scores[i / 4] + logp(&rows1[i / 4])[i % 4])
-        .collect();
+    let flat: Vec<f64> = (0..8).map(|i| beam_scores[i / 4] + logp(&rows1[i / 4])[i % 4]).collect();
     let p = probs_of(&flat);
     let mut expected: HashMap<(usize, usize), f64> = HashMap::new();
     for s in subsets(8, 4) {
@@ -597,19 +448,10 @@ fn beam_sample_step_distribution() {
     for trial in 0..trials {
         let mut b = BeamSearch::new(&cfg(base + trial), &[7, 8]).unwrap();
         let first = b.step(&[z0]).unwrap();
-        assert_eq!(
-            (first.reorder.clone(), first.tokens.clone()),
-            (vec![0, 0], vec![0, 3]),
-            "step 0"
-        );
+        assert_eq!((first.reorder.clone(), first.tokens.clone()), (vec![0, 0], vec![0, 3]), "step 0");
         let out = b.step(&rows1).unwrap();
-        let pair = (
-            out.reorder[0] * 4 + out.tokens[0] as usize,
-            out.reorder[1] * 4 + out.tokens[1] as usize,
-        );
-        let k = keys
-            .binary_search(&pair)
-            .unwrap_or_else(|_| panic!("seed {}: impossible pair {pair:?}", base + trial));
+        let pair = (out.reorder[0] * 4 + out.tokens[0] as usize, out.reorder[1] * 4 + out.tokens[1] as usize);
+        let k = keys.binary_search(&pair).unwrap_or_else(|_| panic!("seed {}: impossible pair {pair:?}", base + trial));
         counts[k] += 1;
     }
     check_fit("beam sample step (K 2, V 4)", base, &q, &counts);

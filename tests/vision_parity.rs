@@ -9,7 +9,15 @@ use common::fixtures;
 use ggml::gguf::GgufFile;
 use ggml::Backend;
 
-const IMAGES: &[&str] = &["rgb_80x60.png", "rgb_30x45.jpg", "gray_70x50.png", "rgba_64x48.png", "palette_50x40.png", "rgb_56x56.png", "rgb_200x120.png"];
+const IMAGES: &[&str] = &[
+    "rgb_80x60.png",
+    "rgb_30x45.jpg",
+    "gray_70x50.png",
+    "rgba_64x48.png",
+    "palette_50x40.png",
+    "rgb_56x56.png",
+    "rgb_200x120.png",
+];
 
 /// max |ours - HF| / max |HF|.
 fn rel_err(ours: &[f32], hf: &common::npy::Npy) -> f64 {
@@ -21,7 +29,8 @@ fn rel_err(ours: &[f32], hf: &common::npy::Npy) -> f64 {
 /// Worst (features, projected) errors over the images of `variant` present in the goldens, for an mmproj type.
 fn errors(variant: &str, mm: MmprojType) -> (f64, f64) {
     let out = tempfile::tempdir().unwrap();
-    let (_, mmproj) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::Q8_0, mm).unwrap();
+    let (_, mmproj) =
+        common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::Q8_0, mm).unwrap();
     let mut file = GgufFile::open(&mmproj).unwrap();
     file.map_weights().unwrap();
     let model = VisionModel::load(&file).unwrap();
@@ -64,7 +73,13 @@ fn float_mmproj_matches_hf() {
 #[test]
 fn encoding_several_images_at_once_equals_one_by_one() {
     let out = tempfile::tempdir().unwrap();
-    let (_, mmproj) = common::conversion::convert(&fixtures::model_dir("base-default-f32"), out.path(), LlmType::Q8_0, MmprojType::F32).unwrap();
+    let (_, mmproj) = common::conversion::convert(
+        &fixtures::model_dir("base-default-f32"),
+        out.path(),
+        LlmType::Q8_0,
+        MmprojType::F32,
+    )
+    .unwrap();
     let mut file = GgufFile::open(&mmproj).unwrap();
     file.map_weights().unwrap();
     let model = VisionModel::load(&file).unwrap();
@@ -72,7 +87,9 @@ fn encoding_several_images_at_once_equals_one_by_one() {
     let mut enc = VisionEncoder::new(&model, &[&backend]).unwrap();
     let px: Vec<Vec<f32>> = ["rgb_80x60.png", "gray_70x50.png", "rgb_56x56.png"]
         .iter()
-        .map(|img| common::npy::read(&fixtures::root().join(format!("golden/preprocess/s56/{img}.pixel_values.npy"))).as_f32())
+        .map(|img| {
+            common::npy::read(&fixtures::root().join(format!("golden/preprocess/s56/{img}.pixel_values.npy"))).as_f32()
+        })
         .collect();
     let batch = enc.encode_pixels(&px.concat(), 3).unwrap();
     for (p, b) in px.iter().zip(&batch) {

@@ -76,7 +76,10 @@ impl Checkpoint {
                     Dtype::F32 => SourceType::F32,
                     Dtype::F16 => SourceType::F16,
                     Dtype::BF16 => SourceType::BF16,
-                    other => bail!("{}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported", path.display()),
+                    other => bail!(
+                        "{}: tensor {name} has dtype {other:?}; only F32, F16 and BF16 are supported",
+                        path.display()
+                    ),
                 };
                 let (start, end) = (data_start + info.data_offsets.0, data_start + info.data_offsets.1);
                 if end > map.bytes().len() || end - start != info.shape.iter().product::<usize>() * dtype.size() {

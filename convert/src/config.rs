@@ -156,7 +156,9 @@ impl AsagiConfig {
         if !vision_type.starts_with("siglip") {
             bail!("{}: vision_config.model_type is {vision_type:?}, expected a SigLIP vision model", f.path.display());
         }
-        if f.bool_opt("tie_word_embeddings")?.unwrap_or(false) || f.bool_opt("text_config.tie_word_embeddings")?.unwrap_or(false) {
+        if f.bool_opt("tie_word_embeddings")?.unwrap_or(false)
+            || f.bool_opt("text_config.tie_word_embeddings")?.unwrap_or(false)
+        {
             bail!("{}: tie_word_embeddings is true; Asagi's lm_head is untied", f.path.display());
         }
 
@@ -197,14 +199,14 @@ impl AsagiConfig {
         // hidden_states has n_vlayer + 1 entries: [0] the embeddings, [k] the output of block k.
         let n_used = if feature_layer < 0 { n_vlayer as i64 + 1 + feature_layer } else { feature_layer };
         if n_used < 1 || n_used > n_vlayer as i64 {
-            bail!(
-                "{}: vision_feature_layer {feature_layer} selects no encoder block of {n_vlayer}",
-                f.path.display()
-            );
+            bail!("{}: vision_feature_layer {feature_layer} selects no encoder block of {n_vlayer}", f.path.display());
         }
         let select_strategy = f.str("vision_feature_select_strategy")?.to_string();
         if select_strategy != "default" && select_strategy != "full" {
-            bail!("{}: vision_feature_select_strategy {select_strategy:?} is neither \"default\" nor \"full\"", f.path.display());
+            bail!(
+                "{}: vision_feature_select_strategy {select_strategy:?} is neither \"default\" nor \"full\"",
+                f.path.display()
+            );
         }
         let projector_act = f.str_opt("projector_hidden_act")?.unwrap_or("gelu").to_string();
         if !matches!(projector_act.as_str(), "gelu" | "gelu_pytorch_tanh") {

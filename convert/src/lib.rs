@@ -74,17 +74,26 @@ pub fn plan(opts: &Options) -> Result<Conversion> {
     }
     let cfg = AsagiConfig::read(dir)?;
     let ckpt = Checkpoint::open(dir)?;
-    let embed = ckpt.get(&format!("{}embed_tokens.weight", "language_model.model."))
+    let embed = ckpt
+        .get(&format!("{}embed_tokens.weight", "language_model.model."))
         .with_context(|| format!("{}: not an Asagi (LLaVA) checkpoint", dir.display()))?;
     let n_vocab = embed.shape.first().copied().unwrap_or(0);
     let vocab = vocab::read(dir, n_vocab)?;
-    let name = dir.canonicalize()?.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "asagi".into());
+    let name =
+        dir.canonicalize()?.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "asagi".into());
     let info = ModelInfo {
         license: read_license(dir),
-        source_repo: cfg.file.str_opt("_name_or_path")?.filter(|s| s.split('/').count() == 2 && !Path::new(s).exists()).map(String::from),
+        source_repo: cfg
+            .file
+            .str_opt("_name_or_path")?
+            .filter(|s| s.split('/').count() == 2 && !Path::new(s).exists())
+            .map(String::from),
         name: name.clone(),
     };
-    let llm_path = opts.outfile.clone().unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", opts.outtype.name().to_uppercase())));
+    let llm_path = opts
+        .outfile
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}-{}.gguf", opts.outtype.name().to_uppercase())));
     let mm_path = opts
         .mmproj_outfile
         .clone()
@@ -96,7 +105,8 @@ pub fn plan(opts: &Options) -> Result<Conversion> {
     let mut mm = mmproj::plan(&cfg, &ckpt, dir, opts.mmproj_outtype, &info, mm_path)?;
     check_all_used(&cfg, &ckpt, &[&llm, &mm])?;
 
-    let params: usize = [&llm, &mm].iter().flat_map(|p| &p.tensors).map(|t| ckpt.get(&t.source).map_or(0, |s| s.numel())).sum();
+    let params: usize =
+        [&llm, &mm].iter().flat_map(|p| &p.tensors).map(|t| ckpt.get(&t.source).map_or(0, |s| s.numel())).sum();
     let label = size_label(params);
     for p in [&mut llm, &mut mm] {
         // After general.architecture, type and name.
@@ -149,11 +159,26 @@ fn read_license(dir: &Path) -> Option<String> {
 pub fn describe(c: &Conversion) -> String {
     let mut out = String::new();
     for p in [&c.llm, &c.mmproj] {
-        let _ = writeln!(out, "{} ({} tensors, {:.1} MiB):", p.path.display(), p.tensors.len(), p.out_bytes() as f64 / 1048576.0);
+        let _ = writeln!(
+            out,
+            "{} ({} tensors, {:.1} MiB):",
+            p.path.display(),
+            p.tensors.len(),
+            p.out_bytes() as f64 / 1048576.0
+        );
         for t in &p.tensors {
             let src = c.checkpoint.get(&t.source).expect("planned from it");
             let ne = t.ne.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" x ");
-            let _ = writeln!(out, "  {:<28} {:<6} {:<18} {:>12}  <- {} {:?}", t.name, t.ty.name(), ne, t.out_bytes(), t.source, src.dtype);
+            let _ = writeln!(
+                out,
+                "  {:<28} {:<6} {:<18} {:>12}  <- {} {:?}",
+                t.name,
+                t.ty.name(),
+                ne,
+                t.out_bytes(),
+                t.source,
+                src.dtype
+            );
         }
     }
     out
@@ -182,8 +207,10 @@ pub fn write(c: &Conversion, opts: &Options, cancel: &AtomicBool) -> Result<Vec<
         if opts.progress { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() },
     );
     bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}")
-            .expect("valid template"),
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bar:30} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
     );
     let mut written = Vec::new();
     for p in [&c.llm, &c.mmproj] {

@@ -49,7 +49,14 @@ pub const CHAT_TEMPLATE: &str = "以下は、タスクを説明する指示で�
 /// The model card's decoding defaults, in the keys llama.cpp's samplers read. Beam search has no llama.cpp key.
 const SAMPLING: &[(&str, f32)] = &[("general.sampling.temp", 0.7), ("general.sampling.penalty_repeat", 1.5)];
 
-pub fn plan(cfg: &AsagiConfig, ckpt: &Checkpoint, vocab: &Vocab, ty: LlmType, info: &ModelInfo, path: PathBuf) -> Result<FilePlan> {
+pub fn plan(
+    cfg: &AsagiConfig,
+    ckpt: &Checkpoint,
+    vocab: &Vocab,
+    ty: LlmType,
+    info: &ModelInfo,
+    path: PathBuf,
+) -> Result<FilePlan> {
     let t = &cfg.text;
     let embed = ckpt.get(&format!("{PREFIX}embed_tokens.weight"))?;
     let n_vocab = embed.shape.first().copied().unwrap_or(0);
@@ -79,11 +86,25 @@ pub fn plan(cfg: &AsagiConfig, ckpt: &Checkpoint, vocab: &Vocab, ty: LlmType, in
             };
             let ne0 = *shape.last().unwrap();
             let src = format!("{PREFIX}layers.{i}.{hf}");
-            tensors.push(TensorPlan::direct(ckpt, &format!("blk.{i}.{gguf}"), &src, tt(role, ne0), &shape)?.with_rows(rows));
+            tensors.push(
+                TensorPlan::direct(ckpt, &format!("blk.{i}.{gguf}"), &src, tt(role, ne0), &shape)?.with_rows(rows),
+            );
         }
     }
-    tensors.push(TensorPlan::direct(ckpt, "output_norm.weight", &format!("{PREFIX}norm.weight"), tt(Role::KeepF32, h), &[h])?);
-    tensors.push(TensorPlan::direct(ckpt, "output.weight", "language_model.lm_head.weight", tt(Role::Output, h), &[n_vocab, h])?);
+    tensors.push(TensorPlan::direct(
+        ckpt,
+        "output_norm.weight",
+        &format!("{PREFIX}norm.weight"),
+        tt(Role::KeepF32, h),
+        &[h],
+    )?);
+    tensors.push(TensorPlan::direct(
+        ckpt,
+        "output.weight",
+        "language_model.lm_head.weight",
+        tt(Role::Output, h),
+        &[n_vocab, h],
+    )?);
 
     let mut keys: Vec<(String, Value)> = vec![
         ("general.architecture".into(), s("llama")),

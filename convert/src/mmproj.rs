@@ -51,11 +51,22 @@ fn preprocess(dir: &std::path::Path, image_size: usize) -> Result<Preprocess> {
     if p.bool_opt("do_resize")? == Some(false) || p.bool_opt("do_normalize")? == Some(false) {
         bail!("{}: do_resize and do_normalize must be true", p.path.display());
     }
-    let rescale = if p.bool_opt("do_rescale")? == Some(false) { 1.0 } else { p.f64_opt("rescale_factor")?.unwrap_or(1.0 / 255.0) as f32 };
+    let rescale = if p.bool_opt("do_rescale")? == Some(false) {
+        1.0
+    } else {
+        p.f64_opt("rescale_factor")?.unwrap_or(1.0 / 255.0) as f32
+    };
     Ok(Preprocess { mean, std, size, resample: p.usize_opt("resample")?.unwrap_or(3), rescale })
 }
 
-pub fn plan(cfg: &AsagiConfig, ckpt: &Checkpoint, dir: &std::path::Path, ty: MmprojType, info: &ModelInfo, path: PathBuf) -> Result<FilePlan> {
+pub fn plan(
+    cfg: &AsagiConfig,
+    ckpt: &Checkpoint,
+    dir: &std::path::Path,
+    ty: MmprojType,
+    info: &ModelInfo,
+    path: PathBuf,
+) -> Result<FilePlan> {
     let v = &cfg.vision;
     let h = v.hidden;
     let n_pos = (v.image_size / v.patch_size).pow(2);
@@ -71,9 +82,21 @@ pub fn plan(cfg: &AsagiConfig, ckpt: &Checkpoint, dir: &std::path::Path, ty: Mmp
 
     let vt = |suffix: &str| format!("{VISION}{suffix}");
     let mut tensors = vec![
-        TensorPlan::direct(ckpt, "v.patch_embd.weight", &vt("embeddings.patch_embedding.weight"), ty.patch_type(), &[h, 3, v.patch_size, v.patch_size])?,
+        TensorPlan::direct(
+            ckpt,
+            "v.patch_embd.weight",
+            &vt("embeddings.patch_embedding.weight"),
+            ty.patch_type(),
+            &[h, 3, v.patch_size, v.patch_size],
+        )?,
         TensorPlan::direct(ckpt, "v.patch_embd.bias", &vt("embeddings.patch_embedding.bias"), f32_, &[h])?,
-        TensorPlan::direct(ckpt, "v.position_embd.weight", &vt("embeddings.position_embedding.weight"), f32_, &[n_pos, h])?,
+        TensorPlan::direct(
+            ckpt,
+            "v.position_embd.weight",
+            &vt("embeddings.position_embedding.weight"),
+            f32_,
+            &[n_pos, h],
+        )?,
     ];
     for i in 0..v.n_used_layers {
         for &(gguf, hf) in BLOCK {

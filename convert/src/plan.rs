@@ -16,7 +16,9 @@ pub enum RowMap {
     /// llama.cpp's `LlamaModel.permute` for Q/K projections: HF's rotate-half layout (pairs i, i+hd/2) becomes the
     /// adjacent pairs (2i, 2i+1) that ggml's normal RoPE mode rotates. Output row h·hd + 2j + s takes source row
     /// h·hd + s·hd/2 + j.
-    PermuteQK { head_dim: usize },
+    PermuteQK {
+        head_dim: usize,
+    },
 }
 
 impl RowMap {

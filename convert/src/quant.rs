@@ -47,16 +47,67 @@ struct Mix {
 }
 
 const MIXES: &[(LlmType, Mix)] = &[
-    (LlmType::F32, Mix { name: "f32", base: Type::F32, ftype: 0, output: Type::F32, attn_v: Bump::None, ffn_down: Bump::None }),
-    (LlmType::F16, Mix { name: "f16", base: Type::F16, ftype: 1, output: Type::F16, attn_v: Bump::None, ffn_down: Bump::None }),
-    (LlmType::BF16, Mix { name: "bf16", base: Type::BF16, ftype: 32, output: Type::BF16, attn_v: Bump::None, ffn_down: Bump::None }),
-    (LlmType::Q8_0, Mix { name: "q8_0", base: Type::Q8_0, ftype: 7, output: Type::Q8_0, attn_v: Bump::None, ffn_down: Bump::None }),
-    (LlmType::Q6K, Mix { name: "q6_k", base: Type::Q6K, ftype: 18, output: Type::Q6K, attn_v: Bump::None, ffn_down: Bump::None }),
-    (LlmType::Q5KM, Mix { name: "q5_k_m", base: Type::Q5K, ftype: 17, output: Type::Q6K, attn_v: Bump::MoreBits(Type::Q6K), ffn_down: Bump::MoreBits(Type::Q6K) }),
-    (LlmType::Q5_0, Mix { name: "q5_0", base: Type::Q5_0, ftype: 8, output: Type::Q6K, attn_v: Bump::None, ffn_down: Bump::None }),
-    (LlmType::Q4KM, Mix { name: "q4_k_m", base: Type::Q4K, ftype: 15, output: Type::Q6K, attn_v: Bump::MoreBits(Type::Q6K), ffn_down: Bump::MoreBits(Type::Q6K) }),
-    (LlmType::Q4KS, Mix { name: "q4_k_s", base: Type::Q4K, ftype: 14, output: Type::Q6K, attn_v: Bump::FirstFour(Type::Q5K), ffn_down: Bump::FirstEighth(Type::Q5K) }),
-    (LlmType::Q4_0, Mix { name: "q4_0", base: Type::Q4_0, ftype: 2, output: Type::Q6K, attn_v: Bump::None, ffn_down: Bump::None }),
+    (
+        LlmType::F32,
+        Mix { name: "f32", base: Type::F32, ftype: 0, output: Type::F32, attn_v: Bump::None, ffn_down: Bump::None },
+    ),
+    (
+        LlmType::F16,
+        Mix { name: "f16", base: Type::F16, ftype: 1, output: Type::F16, attn_v: Bump::None, ffn_down: Bump::None },
+    ),
+    (
+        LlmType::BF16,
+        Mix { name: "bf16", base: Type::BF16, ftype: 32, output: Type::BF16, attn_v: Bump::None, ffn_down: Bump::None },
+    ),
+    (
+        LlmType::Q8_0,
+        Mix { name: "q8_0", base: Type::Q8_0, ftype: 7, output: Type::Q8_0, attn_v: Bump::None, ffn_down: Bump::None },
+    ),
+    (
+        LlmType::Q6K,
+        Mix { name: "q6_k", base: Type::Q6K, ftype: 18, output: Type::Q6K, attn_v: Bump::None, ffn_down: Bump::None },
+    ),
+    (
+        LlmType::Q5KM,
+        Mix {
+            name: "q5_k_m",
+            base: Type::Q5K,
+            ftype: 17,
+            output: Type::Q6K,
+            attn_v: Bump::MoreBits(Type::Q6K),
+            ffn_down: Bump::MoreBits(Type::Q6K),
+        },
+    ),
+    (
+        LlmType::Q5_0,
+        Mix { name: "q5_0", base: Type::Q5_0, ftype: 8, output: Type::Q6K, attn_v: Bump::None, ffn_down: Bump::None },
+    ),
+    (
+        LlmType::Q4KM,
+        Mix {
+            name: "q4_k_m",
+            base: Type::Q4K,
+            ftype: 15,
+            output: Type::Q6K,
+            attn_v: Bump::MoreBits(Type::Q6K),
+            ffn_down: Bump::MoreBits(Type::Q6K),
+        },
+    ),
+    (
+        LlmType::Q4KS,
+        Mix {
+            name: "q4_k_s",
+            base: Type::Q4K,
+            ftype: 14,
+            output: Type::Q6K,
+            attn_v: Bump::FirstFour(Type::Q5K),
+            ffn_down: Bump::FirstEighth(Type::Q5K),
+        },
+    ),
+    (
+        LlmType::Q4_0,
+        Mix { name: "q4_0", base: Type::Q4_0, ftype: 2, output: Type::Q6K, attn_v: Bump::None, ffn_down: Bump::None },
+    ),
 ];
 
 /// What a tensor is, for the type policy.
@@ -104,9 +155,27 @@ impl LlmType {
         let m = self.mix();
         let bump = |b: Bump, i: usize| match b {
             Bump::None => m.base,
-            Bump::MoreBits(t) => if use_more_bits(i, n_layer) { t } else { m.base },
-            Bump::FirstEighth(t) => if i < n_layer / 8 { t } else { m.base },
-            Bump::FirstFour(t) => if i < 4 { t } else { m.base },
+            Bump::MoreBits(t) => {
+                if use_more_bits(i, n_layer) {
+                    t
+                } else {
+                    m.base
+                }
+            }
+            Bump::FirstEighth(t) => {
+                if i < n_layer / 8 {
+                    t
+                } else {
+                    m.base
+                }
+            }
+            Bump::FirstFour(t) => {
+                if i < 4 {
+                    t
+                } else {
+                    m.base
+                }
+            }
         };
         let wanted = match role {
             Role::KeepF32 => return Type::F32,

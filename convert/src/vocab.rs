@@ -66,7 +66,8 @@ pub fn read(dir: &Path, n_vocab: usize) -> Result<Vocab> {
     }
     let byte_fallback = tj.bool_opt("model.byte_fallback")?.unwrap_or(false);
     let unk_id = tj.usize_opt("model.unk_id")?;
-    let pieces = tj.get("model.vocab").and_then(Value::as_array).ok_or_else(|| anyhow!("{path}: missing key model.vocab"))?;
+    let pieces =
+        tj.get("model.vocab").and_then(Value::as_array).ok_or_else(|| anyhow!("{path}: missing key model.vocab"))?;
 
     let mut tokens = Vec::with_capacity(n_vocab);
     let mut scores = Vec::with_capacity(n_vocab);
@@ -94,7 +95,10 @@ pub fn read(dir: &Path, n_vocab: usize) -> Result<Vocab> {
         .iter()
         .map(|a| {
             let id = a.get("id").and_then(Value::as_u64).ok_or_else(|| anyhow!("{path}: an added token has no id"))?;
-            let content = a.get("content").and_then(Value::as_str).ok_or_else(|| anyhow!("{path}: added token {id} has no content"))?;
+            let content = a
+                .get("content")
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("{path}: added token {id} has no content"))?;
             Ok((id as usize, content.to_string(), a.get("special").and_then(Value::as_bool).unwrap_or(false)))
         })
         .collect::<Result<_>>()?;
@@ -130,16 +134,15 @@ pub fn read(dir: &Path, n_vocab: usize) -> Result<Vocab> {
     let special = |key: &str| -> Result<Option<u32>> {
         let Some(tc) = &tc else { return Ok(None) };
         // Either a plain string or an AddedToken object {"content": ...}.
-        let name = match tc.get(key) {
-            None => return Ok(None),
-            Some(Value::String(s)) => s.clone(),
-            Some(v) => v.get("content").and_then(Value::as_str).map(String::from).ok_or_else(|| {
-                anyhow!("{}: key {key} is neither a string nor a token object", tc.path.display())
-            })?,
-        };
-        id_of(&name)
-            .map(Some)
-            .ok_or_else(|| anyhow!("{}: {key} {name:?} is not in the vocabulary", tc.path.display()))
+        let name =
+            match tc.get(key) {
+                None => return Ok(None),
+                Some(Value::String(s)) => s.clone(),
+                Some(v) => v.get("content").and_then(Value::as_str).map(String::from).ok_or_else(|| {
+                    anyhow!("{}: key {key} is neither a string nor a token object", tc.path.display())
+                })?,
+            };
+        id_of(&name).map(Some).ok_or_else(|| anyhow!("{}: {key} {name:?} is not in the vocabulary", tc.path.display()))
     };
     let bos = special("bos_token")?;
     let eos = special("eos_token")?;
@@ -172,13 +175,21 @@ pub fn read(dir: &Path, n_vocab: usize) -> Result<Vocab> {
 /// (transformers' legacy conversion) or a `Metaspace` pre-tokenizer whose prepend scheme is not "never".
 fn adds_space_prefix(tj: &Value) -> bool {
     fn walk(v: &Value, f: &dyn Fn(&Value) -> bool) -> bool {
-        f(v) || v.get("normalizers").or(v.get("pretokenizers")).and_then(Value::as_array).is_some_and(|a| a.iter().any(|x| walk(x, f)))
+        f(v) || v
+            .get("normalizers")
+            .or(v.get("pretokenizers"))
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|x| walk(x, f)))
     }
-    let prepend = |v: &Value| v.get("type").and_then(Value::as_str) == Some("Prepend") && v.get("prepend").and_then(Value::as_str) == Some("▁");
+    let prepend = |v: &Value| {
+        v.get("type").and_then(Value::as_str) == Some("Prepend")
+            && v.get("prepend").and_then(Value::as_str) == Some("▁")
+    };
     let metaspace = |v: &Value| {
         v.get("type").and_then(Value::as_str) == Some("Metaspace")
             && v.get("prepend_scheme").and_then(Value::as_str).unwrap_or("always") != "never"
             && v.get("add_prefix_space").and_then(Value::as_bool).unwrap_or(true)
     };
-    tj.get("normalizer").is_some_and(|n| walk(n, &prepend)) || tj.get("pre_tokenizer").is_some_and(|p| walk(p, &metaspace))
+    tj.get("normalizer").is_some_and(|n| walk(n, &prepend))
+        || tj.get("pre_tokenizer").is_some_and(|p| walk(p, &metaspace))
 }

@@ -31,7 +31,13 @@ impl Drop for PartFile {
 }
 
 /// Writes `plan` to its path through a `.part` file; returns the final size.
-pub fn write_file(ckpt: &Checkpoint, plan: &FilePlan, threads: usize, bar: &ProgressBar, cancel: &AtomicBool) -> Result<u64> {
+pub fn write_file(
+    ckpt: &Checkpoint,
+    plan: &FilePlan,
+    threads: usize,
+    bar: &ProgressBar,
+    cancel: &AtomicBool,
+) -> Result<u64> {
     let mut w = GgufWriter::new(plan.tensors.len())?;
     for (k, v) in &plan.keys {
         w.set(k, v.clone()).with_context(|| format!("key {k}"))?;
@@ -97,8 +103,12 @@ fn write_tensor(
             .filter(|(a, b)| a < b)
             .collect();
         let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = ranges.iter().map(|&(a, b)| scope.spawn(move || convert_rows(ckpt, t, src, a, b))).collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a conversion thread panicked")))).collect()
+            let handles: Vec<_> =
+                ranges.iter().map(|&(a, b)| scope.spawn(move || convert_rows(ckpt, t, src, a, b))).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a conversion thread panicked"))))
+                .collect()
         });
         for p in parts {
             sink.write_all(&p?)?;
@@ -113,7 +123,13 @@ fn write_tensor(
 }
 
 /// Output rows `a..b` of `t`, in its output type.
-fn convert_rows(ckpt: &Checkpoint, t: &TensorPlan, src: &crate::checkpoint::SourceTensor, a: usize, b: usize) -> Result<Vec<u8>> {
+fn convert_rows(
+    ckpt: &Checkpoint,
+    t: &TensorPlan,
+    src: &crate::checkpoint::SourceTensor,
+    a: usize,
+    b: usize,
+) -> Result<Vec<u8>> {
     let cols = t.ne[0];
     let mut buf = vec![0f32; (b - a) * cols];
     for (row, out) in (a..b).zip(buf.chunks_exact_mut(cols)) {

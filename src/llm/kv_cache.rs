@@ -68,7 +68,8 @@ impl KvCache {
 
     /// Claims `n` free cells for tokens at `pos` of sequences `seq`; returns their indices.
     pub fn claim(&mut self, pos: &[i32], seq: &[usize]) -> Result<Vec<usize>> {
-        let free: Vec<usize> = self.cells.iter().enumerate().filter(|(_, c)| c.seqs == 0).map(|(i, _)| i).take(pos.len()).collect();
+        let free: Vec<usize> =
+            self.cells.iter().enumerate().filter(|(_, c)| c.seqs == 0).map(|(i, _)| i).take(pos.len()).collect();
         if free.len() < pos.len() {
             bail!("the context is full ({} cells); use a larger --ctx-size", self.cells.len());
         }
@@ -139,7 +140,8 @@ impl KvCache {
     pub fn reorder(&mut self, from: &[usize]) {
         for c in &mut self.cells {
             let old = c.seqs;
-            c.seqs = from.iter().enumerate().fold(0, |acc, (i, &f)| if old & (1 << f) != 0 { acc | (1 << i) } else { acc });
+            c.seqs =
+                from.iter().enumerate().fold(0, |acc, (i, &f)| if old & (1 << f) != 0 { acc | (1 << i) } else { acc });
         }
     }
 }
@@ -149,7 +151,18 @@ mod tests {
     use super::*;
 
     fn cache(n: usize) -> KvCache {
-        let hp = HParams { n_embd: 8, n_layer: 1, n_head: 2, n_head_kv: 2, head_dim: 4, n_ff: 8, n_vocab: 4, n_ctx_train: 64, rms_eps: 1e-5, rope_base: 1e4 };
+        let hp = HParams {
+            n_embd: 8,
+            n_layer: 1,
+            n_head: 2,
+            n_head_kv: 2,
+            head_dim: 4,
+            n_ff: 8,
+            n_vocab: 4,
+            n_ctx_train: 64,
+            rms_eps: 1e-5,
+            rope_base: 1e4,
+        };
         KvCache::new(&hp, n, Type::F16, &Backend::cpu(1).unwrap()).unwrap()
     }
 

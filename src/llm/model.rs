@@ -35,9 +35,17 @@ impl<'a> LlamaModel<'a> {
     /// Checks every tensor's presence and shape against the hyperparameters (so that no graph op can fail on a
     /// user's file) and collects the handles.
     pub fn load(file: &'a GgufFile) -> Result<LlamaModel<'a>> {
+        Self::load_with(file, None)
+    }
+
+    /// As `load`, taking the tensors that `device` has (copies uploaded to a GPU, see `offloaded_tensors`) from
+    /// there and the others from the file.
+    pub fn load_with(file: &'a GgufFile, device: Option<&'a Context>) -> Result<LlamaModel<'a>> {
         let hp = HParams::read(file)?;
         let get = |name: &str, ne: &[usize]| -> Result<Tensor<'a>> {
-            let Some(t) = file.tensor(name) else { bail!("{}: missing tensor {name}", file.path().display()) };
+            let Some(t) = device.and_then(|d| d.get_tensor(name)).or_else(|| file.tensor(name)) else {
+                bail!("{}: missing tensor {name}", file.path().display())
+            };
             let n = t.n_dims();
             if t.ne()[..n] != *ne && !(ne.len() > n && ne[n..].iter().all(|&d| d == 1) && t.ne()[..n] == ne[..n]) {
                 bail!("{}: tensor {name} has shape {:?}, expected {ne:?}", file.path().display(), &t.ne()[..n]);
@@ -64,7 +72,11 @@ impl<'a> LlamaModel<'a> {
         let n_tensors = file.tensor_infos().len();
         let expected = 3 + 9 * hp.n_layer;
         if n_tensors != expected {
-            bail!("{}: {n_tensors} tensors, a llama model of {} layers has {expected}", file.path().display(), hp.n_layer);
+            bail!(
+                "{}: {n_tensors} tensors, a llama model of {} layers has {expected}",
+                file.path().display(),
+                hp.n_layer
+            );
         }
         Ok(LlamaModel {
             tok_embd: get("token_embd.weight", &[e, hp.n_vocab])?,
@@ -74,6 +86,28 @@ impl<'a> LlamaModel<'a> {
             hp,
         })
     }
+}
+
+/// The tensors a GPU takes with `-ngl n`, as llama.cpp offloads them: the last `n` blocks, and the output
+/// layer too once `n` exceeds the block count.
+pub fn offloaded_tensors(file: &GgufFile, n_gpu_layers: usize) -> Result<Vec<String>> {
+    let hp = HParams::read(file)?;
+    let first = hp.n_layer.saturating_sub(n_gpu_layers);
+    let mut names: Vec<String> = file
+        .tensor_infos()
+        .iter()
+        .map(|t| t.name.clone())
+        .filter(|n| {
+            n.strip_prefix("blk.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|i| i.parse::<usize>().ok())
+                .is_some_and(|i| i >= first)
+        })
+        .collect();
+    if n_gpu_layers > hp.n_layer {
+        names.extend(["output_norm.weight".to_string(), "output.weight".to_string()]);
+    }
+    Ok(names)
 }
 
 /// Inputs of one forward pass, as graph tensors (filled by the session after allocation).

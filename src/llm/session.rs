@@ -96,7 +96,9 @@ impl<'a> Session<'a> {
                     bail!("token id {bad} is outside the vocabulary ({})", hp.n_vocab);
                 }
             }
-            Input::Embeddings(e) if e.len() != n * hp.n_embd => bail!("{} embedding values for {n} rows of {}", e.len(), hp.n_embd),
+            Input::Embeddings(e) if e.len() != n * hp.n_embd => {
+                bail!("{} embedding values for {n} rows of {}", e.len(), hp.n_embd)
+            }
             Input::Embeddings(_) => {}
         }
         let cells = self.cache.claim(&batch.pos, &batch.seq)?;
@@ -119,7 +121,9 @@ impl<'a> Session<'a> {
         let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
         let (tokens, embeddings) = match batch.input {
             Input::Tokens(_) => (Some(ctx.new_tensor(Type::I32, &[n]).named("inp_tokens").set_input()), None),
-            Input::Embeddings(_) => (None, Some(ctx.new_tensor(Type::F32, &[hp.n_embd, n]).named("inp_embd").set_input())),
+            Input::Embeddings(_) => {
+                (None, Some(ctx.new_tensor(Type::F32, &[hp.n_embd, n]).named("inp_embd").set_input()))
+            }
         };
         let inputs = GraphInputs {
             tokens,

@@ -49,11 +49,7 @@ impl BeamSearch {
     /// `prompt`: the HF `input_ids` of the prompt (one `<image>` id per image); the processors see it as the
     /// start of every beam's history. Needs `num_beams > 1`; `do_sample` selects beam sample.
     pub fn new(cfg: &GenerationConfig, prompt: &[u32]) -> Result<Self> {
-        ensure!(
-            cfg.num_beams > 1,
-            "BeamSearch needs num_beams > 1 (got {}); use Sampler",
-            cfg.num_beams
-        );
+        ensure!(cfg.num_beams > 1, "BeamSearch needs num_beams > 1 (got {}); use Sampler", cfg.num_beams);
         let k = cfg.num_beams;
         let max_new = cfg.max_new(prompt.len())?;
         let seed = cfg.seed.unwrap_or_else(SamplingRng::clock_seed);
@@ -115,13 +111,7 @@ impl BeamSearch {
         let first = logits.first().map(|r| r.as_ref().len()).unwrap_or(0);
         ensure!(first > 0, "no logits");
         let rows_ok = logits.len() == self.k || (self.steps == 0 && logits.len() == 1);
-        ensure!(
-            rows_ok,
-            "expected {} logit rows at step {}, got {}",
-            self.k,
-            self.steps,
-            logits.len()
-        );
+        ensure!(rows_ok, "expected {} logit rows at step {}, got {}", self.k, self.steps, logits.len());
         logits
             .iter()
             .enumerate()
@@ -143,24 +133,13 @@ impl BeamSearch {
 
     /// Replay hook (tests): a beam-sample step that uses the given candidate draws (flat indices `beam * V +
     /// token`, in draw order, as torch's `multinomial` returned them) instead of drawing.
-    pub fn step_with_draws<R: AsRef<[f32]>>(
-        &mut self,
-        logits: &[R],
-        draws: &[usize],
-    ) -> Result<StepResult> {
+    pub fn step_with_draws<R: AsRef<[f32]>>(&mut self, logits: &[R], draws: &[usize]) -> Result<StepResult> {
         ensure!(self.do_sample, "draws can only be forced in beam sample");
         self.advance(logits, Some(draws))
     }
 
-    fn advance<R: AsRef<[f32]>>(
-        &mut self,
-        logits: &[R],
-        forced: Option<&[usize]>,
-    ) -> Result<StepResult> {
-        ensure!(
-            !self.is_finished(),
-            "beam search is finished; call finalize"
-        );
+    fn advance<R: AsRef<[f32]>>(&mut self, logits: &[R], forced: Option<&[usize]>) -> Result<StepResult> {
+        ensure!(!self.is_finished(), "beam search is finished; call finalize");
         let single = logits.len() == 1;
         let mut processed = self.process_scores(logits)?;
         if single {
@@ -173,18 +152,11 @@ impl BeamSearch {
             flat.extend(row.iter().map(|&s| s + bs));
         }
         let n = self.n_candidates;
-        ensure!(
-            n <= flat.len(),
-            "{n} beam candidates but only {} scores",
-            flat.len()
-        );
+        ensure!(n <= flat.len(), "{n} beam candidates but only {} scores", flat.len());
         let picked = if self.do_sample {
             let draws = match forced {
                 Some(d) => {
-                    ensure!(
-                        d.len() == n && d.iter().all(|&i| i < flat.len()),
-                        "forced draws: {n} indices < K*V"
-                    );
+                    ensure!(d.len() == n && d.iter().all(|&i| i < flat.len()), "forced draws: {n} indices < K*V");
                     d.to_vec()
                 }
                 None => without_replacement(&softmax(&flat), n, &flat, &mut self.rng)?,
@@ -200,13 +172,7 @@ impl BeamSearch {
     }
 
     /// `BeamSearchScorer.process` for the one prompt, then the beam update of `_beam_search`.
-    fn process(
-        &mut self,
-        flat: &[f32],
-        picked: &[usize],
-        vocab: usize,
-        single: bool,
-    ) -> Result<StepResult> {
+    fn process(&mut self, flat: &[f32], picked: &[usize], vocab: usize, single: bool) -> Result<StepResult> {
         let generated_len = self.steps + 1; // cur_len - P: counts the candidate token
         let mut reorder = Vec::with_capacity(self.k);
         let mut tokens = Vec::with_capacity(self.k);
@@ -218,12 +184,7 @@ impl BeamSearch {
                 if rank >= self.k {
                     continue;
                 }
-                self.hyps.add(
-                    self.beams[beam].clone(),
-                    Some(tok),
-                    flat[idx],
-                    generated_len,
-                );
+                self.hyps.add(self.beams[beam].clone(), Some(tok), flat[idx], generated_len);
             } else {
                 reorder.push(beam);
                 tokens.push(tok);
@@ -234,31 +195,19 @@ impl BeamSearch {
             }
         }
         if reorder.len() < self.k {
-            bail!(
-                "only {} non-EOS beam candidates for {} beams",
-                reorder.len(),
-                self.k
-            );
+            bail!("only {} non-EOS beam candidates for {} beams", reorder.len(), self.k);
         }
         let best = max(&picked.iter().map(|&i| flat[i]).collect::<Vec<_>>());
         self.done = self.done || self.hyps.is_done(best, generated_len);
 
-        self.beams = reorder
-            .iter()
-            .zip(&tokens)
-            .map(|(&b, &t)| [self.beams[b].as_slice(), &[t]].concat())
-            .collect();
+        self.beams = reorder.iter().zip(&tokens).map(|(&b, &t)| [self.beams[b].as_slice(), &[t]].concat()).collect();
         self.scores = next_scores;
         self.steps += 1;
         if single {
             // Every HF copy of the prompt is row 0 of what the caller passed.
             reorder.iter_mut().for_each(|r| *r = 0);
         }
-        Ok(StepResult {
-            reorder,
-            tokens,
-            done: self.is_finished(),
-        })
+        Ok(StepResult { reorder, tokens, done: self.is_finished() })
     }
 
     /// `BeamSearchScorer.finalize`: unless the search stopped on its own test, the open beams join the
@@ -296,14 +245,7 @@ mod tests {
         let l0 = log_softmax(&z0);
         let out = b.step(&[z0]).unwrap();
         // Candidates: EOS (rank 0 -> hypothesis of length 1), then tokens 2 and 1.
-        assert_eq!(
-            out,
-            StepResult {
-                reorder: vec![0, 0],
-                tokens: vec![2, 1],
-                done: false
-            }
-        );
+        assert_eq!(out, StepResult { reorder: vec![0, 0], tokens: vec![2, 1], done: false });
         assert_eq!(b.hyps.beams.len(), 1);
         assert_eq!(b.hyps.beams[0].score, l0[3] as f64);
 
@@ -317,22 +259,8 @@ mod tests {
         assert!(out.done);
         let hyps = b.finalize();
         assert_eq!(hyps.len(), 2);
-        assert_eq!(
-            hyps[0],
-            Hypothesis {
-                tokens: vec![],
-                eos: Some(3),
-                score: l0[3] as f64
-            }
-        );
-        assert_eq!(
-            hyps[1],
-            Hypothesis {
-                tokens: vec![2],
-                eos: Some(3),
-                score: (l0[2] + r0[3]) as f64 / 2.0
-            }
-        );
+        assert_eq!(hyps[0], Hypothesis { tokens: vec![], eos: Some(3), score: l0[3] as f64 });
+        assert_eq!(hyps[1], Hypothesis { tokens: vec![2], eos: Some(3), score: (l0[2] + r0[3]) as f64 / 2.0 });
     }
 
     /// An EOS candidate ranked at K or below is dropped (not a hypothesis), the search goes on.
@@ -375,14 +303,7 @@ mod tests {
         assert!(b.step(&[z]).unwrap().done);
         assert!(b.step(&[z]).is_err());
         let hyps = b.finalize();
-        assert_eq!(
-            hyps[0],
-            Hypothesis {
-                tokens: vec![2],
-                eos: None,
-                score: l[2] as f64
-            }
-        );
+        assert_eq!(hyps[0], Hypothesis { tokens: vec![2], eos: None, score: l[2] as f64 });
         assert_eq!(hyps[1].tokens, vec![1]);
     }
 }

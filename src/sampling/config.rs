@@ -109,8 +109,7 @@ impl GenerationConfig {
 
     /// The pad id HF would use: the given one, else the first EOS id.
     pub fn pad_token(&self) -> Option<u32> {
-        self.pad_token_id
-            .or_else(|| self.eos_token_ids.first().copied())
+        self.pad_token_id.or_else(|| self.eos_token_ids.first().copied())
     }
 
     /// How many new tokens at most for a prompt of `prompt_len` ids (HF `_prepare_generated_length`: a set
@@ -157,24 +156,14 @@ impl GenerationConfig {
             bail!("greedy decoding does not support num_return_sequences != 1");
         }
         if self.num_beams > 1 && self.num_return_sequences > self.num_beams {
-            bail!(
-                "num_return_sequences ({}) must be <= num_beams ({})",
-                self.num_return_sequences,
-                self.num_beams
-            );
+            bail!("num_return_sequences ({}) must be <= num_beams ({})", self.num_return_sequences, self.num_beams);
         }
         if self.repetition_penalty.is_nan() || self.repetition_penalty <= 0.0 {
-            bail!(
-                "repetition_penalty must be a strictly positive float, got {}",
-                self.repetition_penalty
-            );
+            bail!("repetition_penalty must be a strictly positive float, got {}", self.repetition_penalty);
         }
         if self.do_sample {
             if self.temperature != 1.0 && (self.temperature.is_nan() || self.temperature <= 0.0) {
-                bail!(
-                    "temperature must be a strictly positive float when sampling, got {}",
-                    self.temperature
-                );
+                bail!("temperature must be a strictly positive float when sampling, got {}", self.temperature);
             }
             if !(0.0..=1.0).contains(&self.top_p) {
                 bail!("top_p must be in [0, 1], got {}", self.top_p);

@@ -42,26 +42,14 @@ pub fn categorical(probs: &[f32], rng: &mut SamplingRng) -> Result<usize> {
 /// When fewer than `n` entries are positive, torch fills the rest with arbitrary zero-probability indices. Here
 /// the fill is deterministic: the zero entries by descending `fill_order` score, ties by lower index (the beam
 /// caller passes the candidate scores, so the least bad ones come first).
-pub fn without_replacement(
-    probs: &[f32],
-    n: usize,
-    fill_order: &[f32],
-    rng: &mut SamplingRng,
-) -> Result<Vec<usize>> {
+pub fn without_replacement(probs: &[f32], n: usize, fill_order: &[f32], rng: &mut SamplingRng) -> Result<Vec<usize>> {
     check(probs)?;
     if n > probs.len() {
-        bail!(
-            "cannot draw {n} of {} entries without replacement",
-            probs.len()
-        );
+        bail!("cannot draw {n} of {} entries without replacement", probs.len());
     }
     // Keys p / q for the positive entries only, so no draw consumes randomness for p = 0.
-    let mut keyed: Vec<(f64, usize)> = probs
-        .iter()
-        .enumerate()
-        .filter(|(_, &p)| p > 0.0)
-        .map(|(i, &p)| (p as f64 / rng.exp1(), i))
-        .collect();
+    let mut keyed: Vec<(f64, usize)> =
+        probs.iter().enumerate().filter(|(_, &p)| p > 0.0).map(|(i, &p)| (p as f64 / rng.exp1(), i)).collect();
     let by_key = |a: &(f64, usize), b: &(f64, usize)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     if keyed.len() > n {
         keyed.select_nth_unstable_by(n - 1, by_key);

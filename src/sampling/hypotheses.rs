@@ -40,20 +40,8 @@ pub(crate) struct Hypotheses {
 }
 
 impl Hypotheses {
-    pub(crate) fn new(
-        capacity: usize,
-        length_penalty: f64,
-        early_stopping: EarlyStopping,
-        max_new: usize,
-    ) -> Self {
-        Hypotheses {
-            capacity,
-            length_penalty,
-            early_stopping,
-            max_new,
-            beams: Vec::new(),
-            worst: 1e9,
-        }
+    pub(crate) fn new(capacity: usize, length_penalty: f64, early_stopping: EarlyStopping, max_new: usize) -> Self {
+        Hypotheses { capacity, length_penalty, early_stopping, max_new, beams: Vec::new(), worst: 1e9 }
     }
 
     /// `generated_len ** length_penalty` as Python computes it (C `pow` on f64).
@@ -63,30 +51,18 @@ impl Hypotheses {
 
     /// `BeamHypotheses.add`: appended if there is room or it beats the worst; over capacity, the lowest score
     /// goes (ties: the earlier entry) and the worst becomes the next lowest.
-    pub(crate) fn add(
-        &mut self,
-        tokens: Vec<u32>,
-        eos: Option<u32>,
-        sum_logprobs: f32,
-        generated_len: usize,
-    ) {
+    pub(crate) fn add(&mut self, tokens: Vec<u32>, eos: Option<u32>, sum_logprobs: f32, generated_len: usize) {
         let score = sum_logprobs as f64 / self.norm(generated_len);
         if self.beams.len() < self.capacity || score > self.worst {
             self.beams.push(Hypothesis { tokens, eos, score });
             if self.beams.len() > self.capacity {
                 // Python: sorted([(s, idx) ...]), i.e. by score then index.
                 let mut order: Vec<usize> = (0..self.beams.len()).collect();
-                order.sort_by(|&i, &j| {
-                    cmp_score(self.beams[i].score, self.beams[j].score).then(i.cmp(&j))
-                });
+                order.sort_by(|&i, &j| cmp_score(self.beams[i].score, self.beams[j].score).then(i.cmp(&j)));
                 self.worst = self.beams[order[1]].score;
                 self.beams.remove(order[0]);
             } else {
-                self.worst = if score < self.worst {
-                    score
-                } else {
-                    self.worst
-                };
+                self.worst = if score < self.worst { score } else { self.worst };
             }
         }
     }

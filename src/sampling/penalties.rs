@@ -32,12 +32,7 @@ pub fn repetition(scores: &mut [f32], ids: &[u32], theta: f32) -> Result<()> {
 }
 
 /// Non-HF, llama.cpp's `penalty_freq` / `penalty_present`: `s -= count*freq + (count > 0)*presence`.
-pub fn presence_frequency(
-    scores: &mut [f32],
-    ids: &[u32],
-    presence: f32,
-    frequency: f32,
-) -> Result<()> {
+pub fn presence_frequency(scores: &mut [f32], ids: &[u32], presence: f32, frequency: f32) -> Result<()> {
     check_ids(ids, scores.len())?;
     let mut sorted = ids.to_vec();
     sorted.sort_unstable();

@@ -80,8 +80,8 @@ impl Processors {
             penalties::no_repeat_ngram(scores, history, self.ngram)?;
         }
         // MinLength counts the prompt, MinNewTokens does not; both mask the same EOS ids.
-        let short = history.len() < self.min_length
-            || history.len().saturating_sub(self.prompt_len) < self.min_new_tokens;
+        let short =
+            history.len() < self.min_length || history.len().saturating_sub(self.prompt_len) < self.min_new_tokens;
         if short && !self.eos.is_empty() {
             penalties::mask_eos(scores, &self.eos)?;
         }

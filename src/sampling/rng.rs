@@ -17,17 +17,12 @@ impl SamplingRng {
     pub fn new(seed: u64) -> Self {
         let mut key = [0u8; 32];
         key[..8].copy_from_slice(&seed.to_le_bytes());
-        SamplingRng {
-            inner: ChaCha20Rng::from_seed(key),
-        }
+        SamplingRng { inner: ChaCha20Rng::from_seed(key) }
     }
 
     /// A seed from the clock, for runs that did not ask for one.
     pub fn clock_seed() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
     }
 
     /// Uniform in [0, 1) with 53 random bits.
@@ -52,18 +47,9 @@ mod tests {
     fn stream_is_pinned() {
         let mut r = SamplingRng::new(42);
         let got: Vec<u64> = (0..3).map(|_| r.inner.next_u64()).collect();
-        assert_eq!(
-            got,
-            vec![0x6ae30a5126e5761f, 0xb4eb7f595c8b5c62, 0xb389b53dce2c0416]
-        );
+        assert_eq!(got, vec![0x6ae30a5126e5761f, 0xb4eb7f595c8b5c62, 0xb389b53dce2c0416]);
         let mut r = SamplingRng::new(42);
-        assert_eq!(
-            r.uniform(),
-            (0x6ae30a5126e5761fu64 >> 11) as f64 / (1u64 << 53) as f64
-        );
-        assert_ne!(
-            SamplingRng::new(43).uniform(),
-            SamplingRng::new(42).uniform()
-        );
+        assert_eq!(r.uniform(), (0x6ae30a5126e5761fu64 >> 11) as f64 / (1u64 << 53) as f64);
+        assert_ne!(SamplingRng::new(43).uniform(), SamplingRng::new(42).uniform());
     }
 }

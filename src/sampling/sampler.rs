@@ -23,10 +23,7 @@ impl Sampler {
     /// `prompt_len`: the length of the HF `input_ids` prompt (one `<image>` id per image), for min_new_tokens.
     pub fn new(cfg: &GenerationConfig, prompt_len: usize) -> Result<Self> {
         if cfg.num_beams != 1 {
-            bail!(
-                "Sampler is for num_beams == 1; use BeamSearch for {} beams",
-                cfg.num_beams
-            );
+            bail!("Sampler is for num_beams == 1; use BeamSearch for {} beams", cfg.num_beams);
         }
         let seed = cfg.seed.unwrap_or_else(SamplingRng::clock_seed);
         Ok(Sampler {

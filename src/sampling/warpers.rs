@@ -64,21 +64,13 @@ pub fn min_p(scores: &mut [f32], min_p: f64, min_keep: usize) {
 pub fn typical(scores: &mut [f32], mass: f64, min_keep: usize) {
     let logp = log_softmax(scores);
     // nansum: -inf * 0 gives NaN and is skipped.
-    let ent = -(logp
-        .iter()
-        .map(|&l| (l * l.exp()) as f64)
-        .filter(|v| !v.is_nan())
-        .sum::<f64>() as f32);
+    let ent = -(logp.iter().map(|&l| (l * l.exp()) as f64).filter(|v| !v.is_nan()).sum::<f64>() as f32);
     let shift: Vec<f32> = logp.iter().map(|&l| ((-l) - ent).abs()).collect();
     let order = argsort_asc(&shift);
     let sorted_logits: Vec<f32> = order.iter().map(|&i| scores[i]).collect();
     let cum = cumsum(&softmax(&sorted_logits));
     let mass = mass as f32;
-    let last = cum
-        .iter()
-        .filter(|&&c| c < mass)
-        .count()
-        .min(scores.len() - 1);
+    let last = cum.iter().filter(|&&c| c < mass).count().min(scores.len() - 1);
     let limit = shift[order[last]];
     for (rank, &i) in order.iter().enumerate() {
         if rank >= min_keep && shift[i] > limit {

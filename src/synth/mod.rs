@@ -172,7 +172,11 @@ pub fn write(s: &Size, out: &Path, seed: u64, force: bool) -> Result<u64> {
         }
     });
     write_json(out, "config.json", &config)?;
-    write_json(out, "generation_config.json", &json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": pad_token}))?;
+    write_json(
+        out,
+        "generation_config.json",
+        &json!({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": pad_token}),
+    )?;
     write_json(
         out,
         "preprocessor_config.json",

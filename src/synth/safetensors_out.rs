@@ -54,14 +54,18 @@ impl ShardedWriter {
             let mut offset = 0usize;
             for (t, shape) in tensors {
                 let n = shape.iter().product::<usize>() * 2;
-                header.insert(t.clone(), json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}));
+                header
+                    .insert(t.clone(), json!({"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}));
                 offset += n;
                 weight_map.insert(t.clone(), Value::String(name.clone()));
             }
             let mut h = serde_json::to_vec(&Value::Object(header))?;
             h.resize(h.len().div_ceil(8) * 8, b' ');
             let path = self.dir.join(&name);
-            let mut out = BufWriter::with_capacity(8 << 20, std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?);
+            let mut out = BufWriter::with_capacity(
+                8 << 20,
+                std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?,
+            );
             out.write_all(&(h.len() as u64).to_le_bytes())?;
             out.write_all(&h)?;
             let mut buf = vec![0u16; CHUNK];

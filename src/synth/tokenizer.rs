@@ -8,7 +8,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::{json, Value};
 
-const SPECIALS: &[&str] = &["<unk>", "<s>", "</s>", "<MASK|LLM-jp>", "<PAD|LLM-jp>", "<CLS|LLM-jp>", "<SEP|LLM-jp>", "<EOD|LLM-jp>"];
+const SPECIALS: &[&str] =
+    &["<unk>", "<s>", "</s>", "<MASK|LLM-jp>", "<PAD|LLM-jp>", "<CLS|LLM-jp>", "<SEP|LLM-jp>", "<EOD|LLM-jp>"];
 
 /// Base pieces: specials, bytes, `▁`, single characters, then pairs, until `n` pieces.
 fn pieces(n: usize) -> Vec<String> {
@@ -52,11 +53,8 @@ fn added(id: usize, content: &str) -> Value {
 /// Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json with `len` tokens in all.
 pub fn write(dir: &Path, len: usize) -> Result<()> {
     let base = pieces(len - 2);
-    let vocab: Vec<Value> = base
-        .iter()
-        .enumerate()
-        .map(|(i, p)| json!([p, if i < 8 { 0.0 } else { -((i as f64) + 2.0).ln() }]))
-        .collect();
+    let vocab: Vec<Value> =
+        base.iter().enumerate().map(|(i, p)| json!([p, if i < 8 { 0.0 } else { -((i as f64) + 2.0).ln() }])).collect();
     let (image, pad) = (len - 2, len - 1);
     let mut added_tokens: Vec<Value> = SPECIALS.iter().enumerate().map(|(i, s)| added(i, s)).collect();
     added_tokens.push(added(image, "<image>"));

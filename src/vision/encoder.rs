@@ -53,7 +53,11 @@ impl<'a> VisionEncoder<'a> {
         let n_tok = hp.n_image_tokens();
         let (eo, ef) = (emb.len() / n_img, fts.len() / n_img);
         Ok((0..n_img)
-            .map(|i| ImageEmbedding { data: emb[i * eo..(i + 1) * eo].to_vec(), n_tokens: n_tok, features: fts[i * ef..(i + 1) * ef].to_vec() })
+            .map(|i| ImageEmbedding {
+                data: emb[i * eo..(i + 1) * eo].to_vec(),
+                n_tokens: n_tok,
+                features: fts[i * ef..(i + 1) * ef].to_vec(),
+            })
             .collect())
     }
 }

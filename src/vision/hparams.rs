@@ -45,14 +45,19 @@ pub struct VisionHParams {
 impl VisionHParams {
     pub fn read(f: &GgufFile) -> Result<VisionHParams> {
         if f.str("general.architecture")? != "clip" || f.str("clip.projector_type")? != "mlp" {
-            bail!("{}: not an mmproj of an mlp projector (general.architecture clip, clip.projector_type mlp)", f.path().display());
+            bail!(
+                "{}: not an mmproj of an mlp projector (general.architecture clip, clip.projector_type mlp)",
+                f.path().display()
+            );
         }
         let u = |k: &str| f.u32(&format!("clip.vision.{k}")).map(|v| v as usize);
         let n_layer = u("block_count")?;
         let n_layer = match f.get("clip.vision.feature_layer") {
             Some(Value::Array(Array::I32(v))) if v.len() == 1 && v[0] >= 1 && v[0] as usize <= n_layer => v[0] as usize,
             None => n_layer,
-            Some(v) => bail!("{}: clip.vision.feature_layer {v:?} is not one layer in 1..={n_layer}", f.path().display()),
+            Some(v) => {
+                bail!("{}: clip.vision.feature_layer {v:?} is not one layer in 1..={n_layer}", f.path().display())
+            }
         };
         let arr3 = |k: &str| -> Result<[f32; 3]> {
             match f.get(k) {

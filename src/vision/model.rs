@@ -52,8 +52,12 @@ impl<'a> VisionModel<'a> {
             Ok(t)
         };
         let (e, ff, p) = (hp.n_embd, hp.n_ff, hp.patch_size);
-        let mm0 = file.tensor("mm.0.weight").ok_or_else(|| anyhow::anyhow!("{}: missing tensor mm.0.weight", file.path().display()))?;
-        let mm2 = file.tensor("mm.2.weight").ok_or_else(|| anyhow::anyhow!("{}: missing tensor mm.2.weight", file.path().display()))?;
+        let mm0 = file
+            .tensor("mm.0.weight")
+            .ok_or_else(|| anyhow::anyhow!("{}: missing tensor mm.0.weight", file.path().display()))?;
+        let mm2 = file
+            .tensor("mm.2.weight")
+            .ok_or_else(|| anyhow::anyhow!("{}: missing tensor mm.2.weight", file.path().display()))?;
         let (p_hidden, n_out) = (mm0.ne()[1], mm2.ne()[1]);
         hp.n_mmproj = n_out;
         let blocks = (0..hp.n_layer)
@@ -106,7 +110,13 @@ impl<'a> VisionModel<'a> {
     /// The graph for `n_img` images `[S, S, 3, n_img]` (planar RGB, as `pixel_values`). Returns the vision
     /// features (after the select strategy) `[n_embd, n_tokens, n_img]` and the projected embeddings
     /// `[n_mmproj, n_tokens, n_img]`.
-    pub fn build_graph<'g>(&'g self, ctx: &'g Context, gf: &mut ggml::Graph<'g>, pixels: Tensor<'g>, n_img: usize) -> (Tensor<'g>, Tensor<'g>) {
+    pub fn build_graph<'g>(
+        &'g self,
+        ctx: &'g Context,
+        gf: &mut ggml::Graph<'g>,
+        pixels: Tensor<'g>,
+        n_img: usize,
+    ) -> (Tensor<'g>, Tensor<'g>) {
         let hp = &self.hp;
         let (e, np, nh, p) = (hp.n_embd, hp.n_patches(), hp.n_head, hp.patch_size);
         let hd = e / nh;
@@ -141,7 +151,8 @@ impl<'a> VisionModel<'a> {
         }
         // HF's "default" select strategy drops the first patch (a CLIP class-token habit; SigLIP has none).
         let n_tok = hp.n_image_tokens();
-        let feats = if hp.drop_first_patch { ctx.view(x, &[e, n_tok, n_img], &[x.nb()[1], x.nb()[2]], x.nb()[1]) } else { x };
+        let feats =
+            if hp.drop_first_patch { ctx.view(x, &[e, n_tok, n_img], &[x.nb()[1], x.nb()[2]], x.nb()[1]) } else { x };
         let feats = ctx.cont(feats).named("features").set_output();
         let h = Self::act(ctx, &hp.projector_act, ctx.add(ctx.mul_mat(self.mm0_w, feats), self.mm0_b));
         let out = ctx.add(ctx.mul_mat(self.mm2_w, h), self.mm2_b).named("mm_out").set_output();

@@ -25,4 +25,3 @@ pub fn convert(dir: &Path, out: &Path, ty: LlmType, mm: MmprojType) -> anyhow::R
     asagi_convert::write(&c, &opts, &AtomicBool::new(false))?;
     Ok((opts.outfile.unwrap(), opts.mmproj_outfile.unwrap()))
 }
-

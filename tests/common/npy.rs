@@ -27,7 +27,8 @@ pub fn read(path: &Path) -> Npy {
     assert!(header.contains("'fortran_order': False"), "{}: Fortran order", path.display());
     let descr = header.split("'descr': '").nth(1).and_then(|s| s.split('\'').next()).unwrap();
     let shape_txt = header.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).unwrap();
-    let shape: Vec<usize> = shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
+    let shape: Vec<usize> =
+        shape_txt.split(',').filter(|s| !s.trim().is_empty()).map(|s| s.trim().parse().unwrap()).collect();
     let body = &b[start + hlen..];
     let n: usize = shape.iter().product();
     let data: Vec<f64> = match descr {

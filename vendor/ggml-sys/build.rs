@@ -18,14 +18,9 @@ fn main() {
         )
     });
     let include = PathBuf::from(&cmake_dir).join("..").join("..").join("include");
-    let include = include
-        .canonicalize()
-        .unwrap_or_else(|e| panic!("ggml include dir {} not found: {e}", include.display()));
-    assert!(
-        include.join("ggml.h").is_file(),
-        "{} has no ggml.h",
-        include.display()
-    );
+    let include =
+        include.canonicalize().unwrap_or_else(|e| panic!("ggml include dir {} not found: {e}", include.display()));
+    assert!(include.join("ggml.h").is_file(), "{} has no ggml.h", include.display());
 
     let mut builder = bindgen::Builder::default()
         .header("wrapper.h")
@@ -46,12 +41,8 @@ fn main() {
             builder = builder.clang_arg(format!("-D{define}"));
         }
     }
-    let bindings = builder
-        .generate()
-        .expect("bindgen failed on the ggml headers");
+    let bindings = builder.generate().expect("bindgen failed on the ggml headers");
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("bindings.rs");
-    bindings
-        .write_to_file(&out)
-        .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+    bindings.write_to_file(&out).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
     println!("cargo:include={}", include.display());
 }

@@ -15,7 +15,10 @@ pub struct Buffer {
 impl Buffer {
     /// # Safety
     /// `raw` must be a buffer nobody else frees; if it points into `map`, pass the map.
-    pub(crate) unsafe fn from_raw(raw: NonNull<sys::ggml_backend_buffer>, map: Option<Arc<memmap2::MmapMut>>) -> Buffer {
+    pub(crate) unsafe fn from_raw(
+        raw: NonNull<sys::ggml_backend_buffer>,
+        map: Option<Arc<memmap2::MmapMut>>,
+    ) -> Buffer {
         Buffer { raw, _map: map }
     }
 

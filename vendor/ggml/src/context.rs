@@ -27,7 +27,9 @@ impl Context {
         let params = sys::ggml_init_params { mem_size, mem_buffer: std::ptr::null_mut(), no_alloc: true };
         // SAFETY: ggml_init allocates its own memory pool (mem_buffer is null) and returns null on failure.
         let raw = unsafe { sys::ggml_init(params) };
-        NonNull::new(raw).map(|raw| Context { raw, buffers: RefCell::new(Vec::new()) }).ok_or(Error::OutOfMemory("ggml_init"))
+        NonNull::new(raw)
+            .map(|raw| Context { raw, buffers: RefCell::new(Vec::new()) })
+            .ok_or(Error::OutOfMemory("ggml_init"))
     }
 
     /// Takes ownership of a context made by ggml (for example by `gguf_init_from_file`).

@@ -130,7 +130,11 @@ pub struct TensorInfo {
 /// ggml's global log callback.
 static LOG_LOCK: Mutex<()> = Mutex::new(());
 
-unsafe extern "C" fn capture_log(level: sys::ggml_log_level, text: *const std::os::raw::c_char, _: *mut std::ffi::c_void) {
+unsafe extern "C" fn capture_log(
+    level: sys::ggml_log_level,
+    text: *const std::os::raw::c_char,
+    _: *mut std::ffi::c_void,
+) {
     if text.is_null() || level < sys::GGML_LOG_LEVEL_WARN {
         return;
     }
@@ -306,7 +310,11 @@ impl GgufFile {
                             // SAFETY: p holds n elements of T (see the enclosing comment); copied bytewise because
                             // gguf does not promise alignment; any bit pattern is a valid T (Pod).
                             unsafe {
-                                std::ptr::copy_nonoverlapping(p.cast::<u8>(), out.as_mut_ptr().cast::<u8>(), n * size_of::<T>())
+                                std::ptr::copy_nonoverlapping(
+                                    p.cast::<u8>(),
+                                    out.as_mut_ptr().cast::<u8>(),
+                                    n * size_of::<T>(),
+                                )
                             }
                         }
                         out
@@ -419,7 +427,8 @@ impl GgufFile {
         let buffer = unsafe { Buffer::from_raw(raw, Some(map.clone())) };
         buffer.set_usage_weights();
         for info in &self.infos {
-            let t = self.ctx.get_tensor(&info.name).ok_or_else(|| err(format!("tensor {} has no header", info.name)))?;
+            let t =
+                self.ctx.get_tensor(&info.name).ok_or_else(|| err(format!("tensor {} has no header", info.name)))?;
             // `open` checked that offset + size <= file length == map length.
             // SAFETY: t is an unallocated tensor of our context; addr..addr+size lies inside the buffer (checked in
             // `open`), and the buffer outlives the tensor because the context takes ownership of it below.
@@ -436,9 +445,31 @@ impl GgufFile {
         Ok(())
     }
 
+    /// Copies the tensors called `names` into a new context allocated on `backend` (a GPU taking layers), with
+    /// their data uploaded from the mapped file. Requires `map_weights`.
+    pub fn upload(&self, names: &[String], backend: &crate::Backend) -> Result<Context> {
+        let ctx = Context::new(names.len().max(1), 0)?;
+        let mut pairs = Vec::new();
+        for n in names {
+            let src =
+                self.tensor(n).ok_or_else(|| Error::Gguf { path: self.path.clone(), msg: format!("no tensor {n}") })?;
+            let n_dims = src.n_dims();
+            pairs.push((ctx.new_tensor(src.ty(), &src.ne()[..n_dims]).named(n), n));
+        }
+        if !names.is_empty() {
+            ctx.alloc_tensors(backend)?;
+        }
+        for (t, n) in pairs {
+            ctx.write(t, &self.tensor_bytes(n)?)?;
+        }
+        Ok(ctx)
+    }
+
     /// The raw bytes of tensor `name` as stored in the file (after `map_weights`).
     pub fn tensor_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        let t = self.tensor(name).ok_or_else(|| Error::Gguf { path: self.path.clone(), msg: format!("no tensor {name}") })?;
+        let t = self
+            .tensor(name)
+            .ok_or_else(|| Error::Gguf { path: self.path.clone(), msg: format!("no tensor {name}") })?;
         self.ctx.read::<u8>(t)
     }
 }

@@ -244,11 +244,30 @@ impl Context {
 
     /// Unfolds `data` `[W, H, C, N]` into the patches a `kernel` `[KW, KH, C, OC]` sees, as rows of `dst_type`:
     /// `[KW*KH*C, OW, OH, N]` (2-D, no dilation).
-    pub fn im2col<'a>(&'a self, kernel: Tensor<'a>, data: Tensor<'a>, stride: usize, pad: usize, dst_type: Type) -> Tensor<'a> {
+    pub fn im2col<'a>(
+        &'a self,
+        kernel: Tensor<'a>,
+        data: Tensor<'a>,
+        stride: usize,
+        pad: usize,
+        dst_type: Type,
+    ) -> Tensor<'a> {
         let (s, p) = (stride as i32, pad as i32);
         // SAFETY: see the module comment.
         unsafe {
-            Tensor::from_raw(sys::ggml_im2col(self.as_ptr(), kernel.as_ptr(), data.as_ptr(), s, s, p, p, 1, 1, true, dst_type.to_sys()))
+            Tensor::from_raw(sys::ggml_im2col(
+                self.as_ptr(),
+                kernel.as_ptr(),
+                data.as_ptr(),
+                s,
+                s,
+                p,
+                p,
+                1,
+                1,
+                true,
+                dst_type.to_sys(),
+            ))
         }
     }
 

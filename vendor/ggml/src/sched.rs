@@ -23,9 +23,19 @@ impl<'b> Scheduler<'b> {
         // SAFETY: `raw` holds live backends (borrowed for 'b, longer than the scheduler); null buffer types mean
         // each backend's default; ggml copies the array.
         let s = unsafe {
-            sys::ggml_backend_sched_new(raw.as_mut_ptr(), std::ptr::null_mut(), raw.len() as i32, graph_size, false, true)
+            sys::ggml_backend_sched_new(
+                raw.as_mut_ptr(),
+                std::ptr::null_mut(),
+                raw.len() as i32,
+                graph_size,
+                false,
+                true,
+            )
         };
-        Ok(Scheduler { raw: NonNull::new(s).ok_or(Error::OutOfMemory("ggml_backend_sched_new"))?, _backends: PhantomData })
+        Ok(Scheduler {
+            raw: NonNull::new(s).ok_or(Error::OutOfMemory("ggml_backend_sched_new"))?,
+            _backends: PhantomData,
+        })
     }
 
     fn as_ptr(&self) -> *mut sys::ggml_backend_sched {
