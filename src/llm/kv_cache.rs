@@ -42,6 +42,8 @@ impl KvCache {
             ctx.new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_v_l{il}"));
         }
         ctx.alloc_tensors(backend)?;
+        // Masked cells still meet a zero attention weight: 0 x NaN from uninitialized memory would be NaN.
+        ctx.clear(0);
         Ok(KvCache { ctx, n_layer: hp.n_layer, cells: vec![Cell::default(); n_cells], ty })
     }
 

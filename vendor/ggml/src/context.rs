@@ -87,6 +87,15 @@ impl Context {
         Ok(())
     }
 
+    /// Fills the buffers this context owns with `value` bytes (a KV cache starts zeroed: masked-out cells are still
+    /// multiplied by a zero weight, and uninitialized memory could hold NaN).
+    pub fn clear(&self, value: u8) {
+        for b in self.buffers.borrow().iter() {
+            // SAFETY: a live buffer owned by this context.
+            unsafe { sys::ggml_backend_buffer_clear(b.as_ptr(), value) }
+        }
+    }
+
     /// Keeps `buffer` alive as long as the context, because some of its tensors point into it.
     pub(crate) fn attach_buffer(&self, buffer: Buffer) {
         self.buffers.borrow_mut().push(buffer);
