@@ -104,7 +104,8 @@ fn q8_0_greedy_matches_hf() {
 /// values measured when this test was written (see the note printed), with a small margin, so a regression fails.
 #[test]
 fn four_bit_files_agree_with_hf() {
-    let bounds = [(LlmType::Q4KM, 0.90, 0.05), (LlmType::Q4_0, 0.85, 0.08)];
+    // Measured: q4_k_m agreement >= 0.959, KL <= 0.0183; q4_0 >= 0.918, <= 0.0329 (over the three variants).
+    let bounds = [(LlmType::Q4KM, 0.93, 0.025), (LlmType::Q4_0, 0.88, 0.045)];
     for variant in fixtures::VARIANTS {
         let c = case(variant);
         let out = tempfile::tempdir().unwrap();

@@ -98,3 +98,27 @@ fn encoding_several_images_at_once_equals_one_by_one() {
         assert!(d <= 1e-5, "batched and single encodings differ by {d}");
     }
 }
+
+/// Quantized mmproj files (every SigLIP matrix quantized, the FFN zero-padded to a multiple of 32): the errors
+/// measured when this test was written, with a margin, as regression bounds. See the README for the numbers.
+#[test]
+fn quantized_mmproj_stays_within_measured_bounds() {
+    for variant in fixtures::VARIANTS {
+        for (mm, bound) in
+            [(MmprojType::Q8_0, Q8_0_BOUND), (MmprojType::Q5_0, Q5_0_BOUND), (MmprojType::Q4_0, Q4_0_BOUND)]
+        {
+            let (f, p) = errors(variant, mm);
+            assert!(
+                f <= bound && p <= bound,
+                "{variant} {}: features {f:.2e}, projected {p:.2e} (bound {bound:.0e})",
+                mm.name()
+            );
+        }
+    }
+}
+
+// Measured (max over variants of max|ours-HF|/max|HF|, features and projector): q8_0 2.1e-2, q5_0 1.2e-1,
+// q4_0 2.6e-1 (the tiny vision tower is 64 wide, so each row has few blocks to average over).
+const Q8_0_BOUND: f64 = 3e-2;
+const Q5_0_BOUND: f64 = 0.15;
+const Q4_0_BOUND: f64 = 0.35;

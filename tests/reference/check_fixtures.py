@@ -364,7 +364,7 @@ def main():
         cmp_json(rec, want, f"{vname}/goldens")
         for rel, (a, _) in arrs.items():
             cmp_array(rel, a, fx)
-        ok(not mf.check_margins(rec["generate"]), f"{vname}: margins below thresholds")
+        ok(not mf.check_margins(rec["generate"], rec["logit_std"], mf.prompt_margins(rec)), f"{vname}: margins below thresholds")
         print(f"variant {vname}: independent numpy forward", flush=True)
         check_numpy(vname, fx, want)
         print(f"variant {vname}: processor-style expanded ids", flush=True)
