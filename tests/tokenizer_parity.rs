@@ -18,6 +18,21 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
     fixtures::ids(v).iter().map(|&x| x as u32).collect()
 }
 
+/// The tokenizer of a converted fixture (it must come from the embedded tokenizer.json).
+fn converted_tokenizer() -> (tempfile::TempDir, Tokenizer) {
+    let out = tempfile::tempdir().unwrap();
+    let (llm, _) = common::conversion::convert(
+        &fixtures::model_dir("base-default-f32"),
+        out.path(),
+        LlmType::Q8_0,
+        MmprojType::F16,
+    )
+    .unwrap();
+    let (tok, source) = Tokenizer::from_gguf(&GgufFile::open(&llm).unwrap()).unwrap();
+    assert_eq!(source, Source::HuggingFaceJson);
+    (out, tok)
+}
+
 #[test]
 fn every_golden_string_tokenizes_and_decodes_like_hf() {
     let out = tempfile::tempdir().unwrap();
