@@ -11,21 +11,14 @@ use asagi_gguf::multimodal;
 use asagi_gguf::sampling::GenerationConfig;
 use asagi_gguf::vision::{VisionEncoder, VisionModel};
 use common::fixtures;
-use ggml::gguf::GgufFile;
 use ggml::{Backend, Type};
 
 #[test]
 fn beam_search_and_greedy_match_hf_generate() {
     for variant in fixtures::VARIANTS {
         let g = fixtures::goldens(variant);
-        let out = tempfile::tempdir().unwrap();
-        let (llm, mmproj) =
-            common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::F32, MmprojType::F32)
-                .unwrap();
-        let (mut lf, mut mf) = (GgufFile::open(&llm).unwrap(), GgufFile::open(&mmproj).unwrap());
-        lf.map_weights().unwrap();
-        mf.map_weights().unwrap();
-        let (model, vmodel) = (LlamaModel::load(&lf).unwrap(), VisionModel::load(&mf).unwrap());
+        let files = common::conversion::converted(variant, LlmType::F32, MmprojType::F32);
+        let (model, vmodel) = (LlamaModel::load(&files.llm).unwrap(), VisionModel::load(&files.mmproj).unwrap());
         let backend = Backend::cpu(2).unwrap();
         let mut enc = VisionEncoder::new(&vmodel, &[&backend]).unwrap();
         let image_token = g["image_token_id"].as_u64().unwrap() as u32;

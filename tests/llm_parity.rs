@@ -140,16 +140,8 @@ fn four_bit_files_agree_with_hf() {
 #[test]
 fn uploaded_layers_give_the_same_logits() {
     let c = case("base-default-f32");
-    let out = tempfile::tempdir().unwrap();
-    let (llm, _) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        out.path(),
-        LlmType::Q8_0,
-        MmprojType::F16,
-    )
-    .unwrap();
-    let mut file = GgufFile::open(&llm).unwrap();
-    file.map_weights().unwrap();
+    let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::F16);
+    let file = &files.llm;
     let backend = Backend::cpu(2).unwrap();
     let names = asagi_gguf::llm::offloaded_tensors(&file, 99).unwrap();
     assert_eq!(names.len(), file.tensor_infos().len() - 1, "all but token_embd");

@@ -8,7 +8,6 @@ use asagi_gguf::llm::{LlamaModel, Session, SessionParams};
 use asagi_gguf::vision::{VisionEncoder, VisionModel};
 use asagi_gguf::{generate, multimodal};
 use common::fixtures;
-use ggml::gguf::GgufFile;
 use ggml::{Backend, Type};
 
 struct Run {
@@ -21,12 +20,8 @@ fn run(variant: &str, ty: LlmType, mm: MmprojType, cache: Type, prompt: &str, n_
     let g = fixtures::goldens(variant);
     let p = &g["prompts"][prompt];
     let ids: Vec<u32> = fixtures::ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
-    let out = tempfile::tempdir().unwrap();
-    let (llm, mmproj) = common::conversion::convert(&fixtures::model_dir(variant), out.path(), ty, mm).unwrap();
-    let (mut lf, mut mf) = (GgufFile::open(&llm).unwrap(), GgufFile::open(&mmproj).unwrap());
-    lf.map_weights().unwrap();
-    mf.map_weights().unwrap();
-    let (model, vmodel) = (LlamaModel::load(&lf).unwrap(), VisionModel::load(&mf).unwrap());
+    let files = common::conversion::converted(variant, ty, mm);
+    let (model, vmodel) = (LlamaModel::load(&files.llm).unwrap(), VisionModel::load(&files.mmproj).unwrap());
     let backend = Backend::cpu(2).unwrap();
     let mut enc = VisionEncoder::new(&vmodel, &[&backend]).unwrap();
     let images: Vec<_> = p["images"]

@@ -19,32 +19,16 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 }
 
 /// The tokenizer of a converted fixture (it must come from the embedded tokenizer.json).
-fn converted_tokenizer() -> (tempfile::TempDir, Tokenizer) {
-    let out = tempfile::tempdir().unwrap();
-    let (llm, _) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        out.path(),
-        LlmType::Q8_0,
-        MmprojType::F16,
-    )
-    .unwrap();
-    let (tok, source) = Tokenizer::from_gguf(&GgufFile::open(&llm).unwrap()).unwrap();
+fn converted_tokenizer() -> Tokenizer {
+    let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::F16);
+    let (tok, source) = Tokenizer::from_gguf(&files.llm).unwrap();
     assert_eq!(source, Source::HuggingFaceJson);
-    (out, tok)
+    tok
 }
 
 #[test]
 fn every_golden_string_tokenizes_and_decodes_like_hf() {
-    let out = tempfile::tempdir().unwrap();
-    let (llm, _) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        out.path(),
-        LlmType::Q8_0,
-        MmprojType::F16,
-    )
-    .unwrap();
-    let (tok, source) = Tokenizer::from_gguf(&GgufFile::open(&llm).unwrap()).unwrap();
-    assert_eq!(source, Source::HuggingFaceJson);
+    let tok = converted_tokenizer();
     let cases = cases();
     assert!(cases.len() >= 30);
     for c in &cases {
@@ -62,15 +46,7 @@ fn every_golden_string_tokenizes_and_decodes_like_hf() {
 
 #[test]
 fn streaming_never_splits_a_character() {
-    let out = tempfile::tempdir().unwrap();
-    let (llm, _) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        out.path(),
-        LlmType::Q8_0,
-        MmprojType::F16,
-    )
-    .unwrap();
-    let (tok, _) = Tokenizer::from_gguf(&GgufFile::open(&llm).unwrap()).unwrap();
+    let tok = converted_tokenizer();
     for c in cases() {
         let ids = ids(&c["ids"]);
         let mut stream = tok.stream(true);
@@ -93,14 +69,8 @@ fn streaming_never_splits_a_character() {
 #[test]
 fn gguf_without_the_hf_json_falls_back_to_its_vocabulary() {
     let out = tempfile::tempdir().unwrap();
-    let (llm, _) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        out.path(),
-        LlmType::Q8_0,
-        MmprojType::F16,
-    )
-    .unwrap();
-    let src = GgufFile::open(&llm).unwrap();
+    let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::F16);
+    let src = &files.llm;
     let mut w = GgufWriter::new(1).unwrap();
     for k in src.keys().iter().filter(|k| k.starts_with("tokenizer.") && *k != "tokenizer.huggingface.json") {
         w.set(k, src.get(k).unwrap()).unwrap();

@@ -6,7 +6,6 @@ mod common;
 use asagi_convert::{LlmType, MmprojType};
 use asagi_gguf::vision::{VisionEncoder, VisionModel};
 use common::fixtures;
-use ggml::gguf::GgufFile;
 use ggml::Backend;
 
 const IMAGES: &[&str] = &[
@@ -28,12 +27,8 @@ fn rel_err(ours: &[f32], hf: &common::npy::Npy) -> f64 {
 
 /// Worst (features, projected) errors over the images of `variant` present in the goldens, for an mmproj type.
 fn errors(variant: &str, mm: MmprojType) -> (f64, f64) {
-    let out = tempfile::tempdir().unwrap();
-    let (_, mmproj) =
-        common::conversion::convert(&fixtures::model_dir(variant), out.path(), LlmType::Q8_0, mm).unwrap();
-    let mut file = GgufFile::open(&mmproj).unwrap();
-    file.map_weights().unwrap();
-    let model = VisionModel::load(&file).unwrap();
+    let files = common::conversion::converted(variant, LlmType::Q8_0, mm);
+    let model = VisionModel::load(&files.mmproj).unwrap();
     let backend = Backend::cpu(2).unwrap();
     let mut enc = VisionEncoder::new(&model, &[&backend]).unwrap();
     let size = model.hp.image_size;
@@ -72,17 +67,8 @@ fn float_mmproj_matches_hf() {
 
 #[test]
 fn encoding_several_images_at_once_equals_one_by_one() {
-    let out = tempfile::tempdir().unwrap();
-    let (_, mmproj) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        out.path(),
-        LlmType::Q8_0,
-        MmprojType::F32,
-    )
-    .unwrap();
-    let mut file = GgufFile::open(&mmproj).unwrap();
-    file.map_weights().unwrap();
-    let model = VisionModel::load(&file).unwrap();
+    let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::F32);
+    let model = VisionModel::load(&files.mmproj).unwrap();
     let backend = Backend::cpu(2).unwrap();
     let mut enc = VisionEncoder::new(&model, &[&backend]).unwrap();
     let px: Vec<Vec<f32>> = ["rgb_80x60.png", "gray_70x50.png", "rgb_56x56.png"]

@@ -25,3 +25,20 @@ pub fn convert(dir: &Path, out: &Path, ty: LlmType, mm: MmprojType) -> anyhow::R
     asagi_convert::write(&c, &opts, &AtomicBool::new(false))?;
     Ok((opts.outfile.unwrap(), opts.mmproj_outfile.unwrap()))
 }
+
+/// A fixture variant converted into a temporary folder, both files opened with their weights mapped.
+pub struct Converted {
+    pub llm: ggml::gguf::GgufFile,
+    pub mmproj: ggml::gguf::GgufFile,
+    _dir: tempfile::TempDir,
+}
+
+pub fn converted(variant: &str, ty: LlmType, mm: MmprojType) -> Converted {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj) = convert(&crate::common::fixtures::model_dir(variant), dir.path(), ty, mm).unwrap();
+    let (mut llm, mut mmproj) =
+        (ggml::gguf::GgufFile::open(&llm).unwrap(), ggml::gguf::GgufFile::open(&mmproj).unwrap());
+    llm.map_weights().unwrap();
+    mmproj.map_weights().unwrap();
+    Converted { llm, mmproj, _dir: dir }
+}
