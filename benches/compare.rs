@@ -29,10 +29,11 @@ struct Args {
     reps: usize,
     pp: usize,
     tg: usize,
+    no_repack: bool,
 }
 
 fn args() -> Args {
-    let mut a = Args { model: String::new(), mmproj: None, threads: 2, reps: 3, pp: 128, tg: 32 };
+    let mut a = Args { model: String::new(), mmproj: None, threads: 2, reps: 3, pp: 128, tg: 32, no_repack: false };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < v.len() {
@@ -44,6 +45,11 @@ fn args() -> Args {
             "--reps" => a.reps = val().parse().unwrap(),
             "--pp" => a.pp = val().parse().unwrap(),
             "--tg" => a.tg = val().parse().unwrap(),
+            "--no-repack" => {
+                a.no_repack = true;
+                i += 1;
+                continue;
+            }
             _ => {
                 i += 1;
                 continue;
@@ -78,6 +84,63 @@ fn ours(model: &LlamaModel<'_>, backend: &Backend, pp: usize, tg: usize) -> (f64
     (pp_s, tg as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Milliseconds per decode step after a `pp`-token prompt, `tg` steps each: greedy (one row), the model part of a
+/// 5-beam step (a batch of 5 sequences), the Rust part (`BeamSearch::step`: log-softmax, processors, candidate
+/// draw over 5 x n_vocab), and a whole beam-sample step as `run` does it (`generate`, the card's settings).
+fn beam_steps(model: &LlamaModel<'_>, backend: &Backend, pp: usize, tg: usize) -> [f64; 4] {
+    use asagi_gguf::generate::generate;
+    use asagi_gguf::llm::Batch;
+    use asagi_gguf::sampling::{BeamSearch, GenerationConfig};
+    let cfg = GenerationConfig {
+        max_new_tokens: Some(tg),
+        do_sample: true,
+        temperature: 0.7,
+        repetition_penalty: 1.5,
+        num_beams: 5,
+        seed: Some(1),
+        ..Default::default()
+    };
+    let params = SessionParams { n_ctx: pp + 2 * tg + 16, ..Default::default() };
+    let prompt = tokens(pp);
+    let mut s = Session::new(model, &[backend], &params).unwrap();
+    let logits = s.prefill(Input::Tokens(&prompt), 0, 0, false).unwrap();
+    let t = Instant::now();
+    for i in 0..tg {
+        s.prefill(Input::Tokens(&[400]), 0, (pp + i) as i32, false).unwrap();
+    }
+    let greedy = t.elapsed().as_secs_f64() * 1e3 / tg as f64;
+    // Five sequences sharing the prompt, one batch per step.
+    s.cache.reorder(&[0; 5]);
+    let (mut model_ms, mut rust_ms) = (0.0, 0.0);
+    let mut search = BeamSearch::new(&cfg, &prompt).unwrap();
+    let mut rows = vec![logits.clone()];
+    for i in 0..tg {
+        let t = Instant::now();
+        let step = search.step(&rows).unwrap();
+        rust_ms += t.elapsed().as_secs_f64() * 1e3;
+        let batch = Batch {
+            input: Input::Tokens(&step.tokens),
+            pos: vec![(pp + tg + i) as i32; 5],
+            seq: (0..5).collect(),
+            logits: vec![true; 5],
+        };
+        s.cache.reorder(&step.reorder);
+        let t = Instant::now();
+        let out = s.decode(&batch).unwrap();
+        model_ms += t.elapsed().as_secs_f64() * 1e3;
+        rows = out.chunks(model.hp.n_vocab).map(|c| c.to_vec()).collect();
+        if step.done {
+            break;
+        }
+    }
+    let mut s = Session::new(model, &[backend], &params).unwrap();
+    let logits = s.prefill(Input::Tokens(&prompt), 0, 0, false).unwrap();
+    let t = Instant::now();
+    generate(&mut s, &cfg, &prompt, logits, pp as i32, |_| Ok(())).unwrap();
+    let whole = t.elapsed().as_secs_f64() * 1e3 / tg as f64;
+    [greedy, model_ms / tg as f64, rust_ms / tg as f64, whole]
+}
+
 /// (pp tokens/s, tg tokens/s) for llama.cpp.
 fn peer(backend: &LlamaBackend, model: &PeerModel, threads: usize, pp: usize, tg: usize) -> (f64, f64) {
     let n_ctx = (pp + tg + 16) as u32;
@@ -110,14 +173,16 @@ fn main() {
     backend_peer.void_logs();
     let mut file = GgufFile::open(&a.model).unwrap();
     file.map_weights().unwrap();
-    let model = LlamaModel::load(&file).unwrap();
+    let placed = asagi_gguf::weights::place(&file, None, !a.no_repack, asagi_gguf::llm::is_matmul_weight).unwrap();
+    let model = LlamaModel::load_with(&file, &placed.contexts).unwrap();
     let backend = Backend::cpu(a.threads).unwrap();
     let peer_model = PeerModel::load_from_file(&backend_peer, &a.model, &LlamaModelParams::default()).unwrap();
     println!(
-        "model {}  threads {}  reps {}  ggml {}  CPU: {}",
+        "model {}  threads {}  reps {}  repack {}  ggml {}  CPU: {}",
         a.model,
         a.threads,
         a.reps,
+        placed.summary().unwrap_or_else(|| "none".into()),
         ggml::version(),
         ggml::cpu_features()
     );
@@ -136,10 +201,18 @@ fn main() {
     row(&format!("pp{} tok/s", a.pp), median(o_pp), median(p_pp));
     row(&format!("tg{} tok/s", a.tg), median(o_tg), median(p_tg));
 
+    let steps: Vec<[f64; 4]> = (0..a.reps).map(|_| beam_steps(&model, &backend, a.pp, a.tg)).collect();
+    let med = |j: usize| median(steps.iter().map(|s| s[j]).collect());
+    let (greedy, model5, rust5, whole) = (med(0), med(1), med(2), med(3));
+    println!("greedy step {greedy:.1} ms; 5-beam step {whole:.1} ms = {:.2}x greedy", whole / greedy);
+    println!("  5-beam step parts: batch-of-5 decode {model5:.1} ms, BeamSearch::step {rust5:.1} ms");
+
     if let Some(mm) = &a.mmproj {
         let mut mfile = GgufFile::open(mm).unwrap();
         mfile.map_weights().unwrap();
-        let vmodel = VisionModel::load(&mfile).unwrap();
+        let vplaced =
+            asagi_gguf::weights::place(&mfile, None, !a.no_repack, asagi_gguf::vision::is_matmul_weight).unwrap();
+        let vmodel = VisionModel::load_with(&mfile, &vplaced.contexts).unwrap();
         let mut enc = VisionEncoder::new(&vmodel, &[&backend]).unwrap();
         let s = vmodel.hp.image_size;
         let px = vec![0.1f32; 3 * s * s];

@@ -91,6 +91,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         decoding: run_cmd::default_decoding(),
         ctx_size: Some(1024),
         n_gpu_layers: 0,
+        no_repack: false,
         cache_type: "f16".into(),
         threads: Some(threads),
         json: false,

@@ -18,3 +18,4 @@ pub mod synth;
 pub mod tokenize_cmd;
 pub mod tokenizer;
 pub mod vision;
+pub mod weights;

@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// More logging (ggml's info and debug messages).
+    #[arg(short, long, global = true)]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -47,6 +50,7 @@ enum Command {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    ggml::log_to_stderr(cli.verbose);
     match cli.command {
         Command::Convert(args) => asagi_gguf::convert_cmd::run(args)?,
         Command::Run(args) => asagi_gguf::run_cmd::run(args)?,

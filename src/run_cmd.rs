@@ -10,11 +10,12 @@ use ggml::{Backend, Type};
 use serde_json::json;
 
 use crate::generate;
-use crate::llm::{LlamaModel, Session, SessionParams};
+use crate::llm::{is_matmul_weight, LlamaModel, Session, SessionParams};
 use crate::multimodal;
 use crate::sampling::GenerationConfig;
 use crate::tokenizer::Tokenizer;
 use crate::vision::{VisionEncoder, VisionModel};
+use crate::weights;
 
 /// Asagi's instruction template (model card; training code's pre/post prompt). `{images}` holds one
 /// "<image>\n" per image.
@@ -54,6 +55,10 @@ pub struct RunArgs {
     /// Needs a build with --features cuda, metal or vulkan.
     #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0)]
     pub n_gpu_layers: usize,
+    /// Use the weights as stored, without repacking Q4_0/Q4_K/IQ4_NL matrices into the CPU's interleaved layouts
+    /// (slower prefill and beam steps; the file's pages can be dropped by the kernel under memory pressure).
+    #[arg(long)]
+    pub no_repack: bool,
     /// KV cache type: f16, f32 or q8_0.
     #[arg(long, default_value = "f16")]
     pub cache_type: String,
@@ -167,11 +172,15 @@ pub fn run(args: RunArgs) -> Result<()> {
             "-ngl needs a GPU: this build has no GPU backend or found no device (build with --features cuda, metal or vulkan)",
         )?),
     };
-    let device = match &gpu {
-        Some(g) => Some(file.upload(&crate::llm::offloaded_tensors(&file, args.n_gpu_layers)?, g)?),
-        None => None,
+    let offloaded = match &gpu {
+        Some(_) => crate::llm::offloaded_tensors(&file, args.n_gpu_layers)?,
+        None => Vec::new(),
     };
-    let model = LlamaModel::load_with(&file, device.as_ref())?;
+    let placed = weights::place(&file, gpu.as_ref().map(|g| (g, &offloaded[..])), !args.no_repack, is_matmul_weight)?;
+    if let Some(s) = placed.summary() {
+        eprintln!("{}: {s}", args.model.display());
+    }
+    let model = LlamaModel::load_with(&file, &placed.contexts)?;
     let backends: Vec<&Backend> = gpu.iter().chain([&backend]).collect();
     let n_ctx = args.ctx_size.unwrap_or(model.hp.n_ctx_train);
     let mut session = Session::new(&model, &backends, &SessionParams { n_ctx, cache_type, ..Default::default() })?;
@@ -192,7 +201,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         (Some(mm), false) => {
             let mut mfile = GgufFile::open(mm)?;
             mfile.map_weights()?;
-            let vmodel = VisionModel::load(&mfile)?;
+            let vplaced = weights::place(&mfile, None, !args.no_repack, crate::vision::is_matmul_weight)?;
+            let vmodel = VisionModel::load_with(&mfile, &vplaced.contexts)?;
             if vmodel.hp.n_mmproj != model.hp.n_embd {
                 bail!(
                     "{} projects to {} values but the language model's embeddings have {}",

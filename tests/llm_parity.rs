@@ -145,13 +145,13 @@ fn uploaded_layers_give_the_same_logits() {
     let backend = Backend::cpu(2).unwrap();
     let names = asagi_gguf::llm::offloaded_tensors(&file, 99).unwrap();
     assert_eq!(names.len(), file.tensor_infos().len() - 1, "all but token_embd");
-    let device = file.upload(&names, &backend).unwrap();
+    let device = file.upload(&names, backend.buffer_type()).unwrap();
     let logits = |model: &LlamaModel| {
         let params = SessionParams { n_ctx: 128, n_ubatch: 128, cache_type: Type::F16 };
         Session::new(model, &[&backend], &params).unwrap().prefill(Input::Tokens(&c.prompt), 0, 0, true).unwrap()
     };
     let mapped = logits(&LlamaModel::load(&file).unwrap());
-    let uploaded = logits(&LlamaModel::load_with(&file, Some(&device)).unwrap());
+    let uploaded = logits(&LlamaModel::load_with(&file, std::slice::from_ref(&device)).unwrap());
     assert_eq!(mapped, uploaded);
     let half = asagi_gguf::llm::offloaded_tensors(&file, 1).unwrap();
     assert!(half.iter().all(|n| n.starts_with("blk.1.")) && half.len() == 9, "{half:?}");

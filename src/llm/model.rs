@@ -35,15 +35,15 @@ impl<'a> LlamaModel<'a> {
     /// Checks every tensor's presence and shape against the hyperparameters (so that no graph op can fail on a
     /// user's file) and collects the handles.
     pub fn load(file: &'a GgufFile) -> Result<LlamaModel<'a>> {
-        Self::load_with(file, None)
+        Self::load_with(file, &[])
     }
 
-    /// As `load`, taking the tensors that `device` has (copies uploaded to a GPU, see `offloaded_tensors`) from
-    /// there and the others from the file.
-    pub fn load_with(file: &'a GgufFile, device: Option<&'a Context>) -> Result<LlamaModel<'a>> {
+    /// As `load`, taking the tensors that `placed` holds (copies uploaded to a GPU or repacked for the CPU, see
+    /// `crate::weights`) from there and the others from the file.
+    pub fn load_with(file: &'a GgufFile, placed: &'a [Context]) -> Result<LlamaModel<'a>> {
         let hp = HParams::read(file)?;
         let get = |name: &str, ne: &[usize]| -> Result<Tensor<'a>> {
-            let Some(t) = device.and_then(|d| d.get_tensor(name)).or_else(|| file.tensor(name)) else {
+            let Some(t) = placed.iter().find_map(|c| c.get_tensor(name)).or_else(|| file.tensor(name)) else {
                 bail!("{}: missing tensor {name}", file.path().display())
             };
             let n = t.n_dims();
@@ -86,6 +86,12 @@ impl<'a> LlamaModel<'a> {
             hp,
         })
     }
+}
+
+/// True for the weights used only as the first operand of a matrix product (all 2-D weights but the token
+/// embeddings, which are gathered by row): the ones a CPU repack buffer may take.
+pub fn is_matmul_weight(name: &str) -> bool {
+    name != "token_embd.weight" && !name.ends_with("_norm.weight")
 }
 
 /// The tensors a GPU takes with `-ngl n`, as llama.cpp offloads them: the last `n` blocks, and the output

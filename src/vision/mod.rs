@@ -6,4 +6,4 @@ mod model;
 
 pub use encoder::{ImageEmbedding, VisionEncoder};
 pub use hparams::{Activation, VisionHParams};
-pub use model::VisionModel;
+pub use model::{is_matmul_weight, VisionModel};

@@ -39,12 +39,29 @@ pub struct VisionModel<'a> {
     pub mm2_b: Tensor<'a>,
 }
 
+/// True for the weights used only as the first operand of a matrix product (the attention, FFN and projector
+/// matrices): the ones a CPU repack buffer may take. Not the patch kernel (4-D) or the position embeddings.
+pub fn is_matmul_weight(name: &str) -> bool {
+    const MATRICES: [&str; 6] =
+        ["attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_out.weight", "ffn_up.weight", "ffn_down.weight"];
+    (name.starts_with("v.blk.") && MATRICES.iter().any(|m| name.ends_with(m)))
+        || name == "mm.0.weight"
+        || name == "mm.2.weight"
+}
+
 impl<'a> VisionModel<'a> {
     /// Checks every tensor against the hyperparameters and collects the handles.
     pub fn load(file: &'a GgufFile) -> Result<VisionModel<'a>> {
+        Self::load_with(file, &[])
+    }
+
+    /// As `load`, taking the tensors that `placed` holds (repacked for the CPU, see `crate::weights`) from there.
+    pub fn load_with(file: &'a GgufFile, placed: &'a [Context]) -> Result<VisionModel<'a>> {
         let mut hp = VisionHParams::read(file)?;
         let get = |name: &str, ne: &[usize]| -> Result<Tensor<'a>> {
-            let Some(t) = file.tensor(name) else { bail!("{}: missing tensor {name}", file.path().display()) };
+            let Some(t) = placed.iter().find_map(|c| c.get_tensor(name)).or_else(|| file.tensor(name)) else {
+                bail!("{}: missing tensor {name}", file.path().display())
+            };
             let got = &t.ne()[..ne.len()];
             if got != ne || t.ne()[ne.len()..].iter().any(|&d| d != 1) {
                 bail!("{}: tensor {name} has shape {:?}, expected {ne:?}", file.path().display(), t.ne());

@@ -104,6 +104,16 @@ impl Backend {
         self.raw.as_ptr()
     }
 
+    /// The buffer type this backend allocates in by default (its device memory; host memory for the CPU).
+    pub fn buffer_type(&self) -> crate::BufferType {
+        // SAFETY: valid backend; the default buffer type is a registry descriptor, never null.
+        unsafe {
+            crate::BufferType::from_raw(
+                NonNull::new(sys::ggml_backend_get_default_buffer_type(self.as_ptr())).expect("backend buffer type"),
+            )
+        }
+    }
+
     /// True for the CPU backend.
     pub fn is_cpu(&self) -> bool {
         self.is_cpu

@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::ffi::CString;
 use std::ptr::NonNull;
 
-use crate::buffer::Buffer;
+use crate::buffer::{Buffer, BufferType};
 use crate::{sys, Backend, Error, Pod, Result, Tensor, Type};
 
 /// A ggml context created with `no_alloc = true`: it holds tensor headers and graphs, never tensor data.
@@ -87,6 +87,20 @@ impl Context {
         Ok(())
     }
 
+    /// Allocates every not-yet-allocated tensor of the context in one buffer of type `buft` (a backend's, or one of
+    /// the CPU's extra types, see `BufferType::cpu_extra`).
+    pub fn alloc_tensors_in(&self, buft: BufferType) -> Result<()> {
+        // SAFETY: valid context and a registry buffer type; returns null when there is nothing to allocate or on
+        // failure.
+        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.as_ptr(), buft.as_ptr()) };
+        let buffer = NonNull::new(raw).ok_or(Error::OutOfMemory("ggml_backend_alloc_ctx_tensors_from_buft"))?;
+        // SAFETY: a fresh buffer that we own from now on.
+        let buffer = unsafe { Buffer::from_raw(buffer, None) };
+        buffer.set_usage_weights();
+        self.buffers.borrow_mut().push(buffer);
+        Ok(())
+    }
+
     /// Fills the buffers this context owns with `value` bytes (a KV cache starts zeroed: masked-out cells are still
     /// multiplied by a zero weight, and uninitialized memory could hold NaN).
     pub fn clear(&self, value: u8) {
@@ -103,8 +117,16 @@ impl Context {
 
     /// True if `t`'s data is in a buffer this context owns (so reading or writing it is sound).
     fn owns_data_of(&self, t: Tensor<'_>) -> bool {
+        self.buffer_of(t).is_some()
+    }
+
+    /// Whether `t`'s buffer (one of ours) can be read back.
+    fn buffer_of(&self, t: Tensor<'_>) -> Option<bool> {
         let buf = t.raw_buffer();
-        !buf.is_null() && !t.data_ptr().is_null() && self.buffers.borrow().iter().any(|b| b.as_ptr() == buf)
+        if buf.is_null() || t.data_ptr().is_null() {
+            return None;
+        }
+        self.buffers.borrow().iter().find(|b| b.as_ptr() == buf).map(|b| b.is_readable())
     }
 
     /// Copies `data` into tensor `t`, which must be allocated in a buffer of this context.
@@ -123,8 +145,10 @@ impl Context {
 
     /// Copies the data of tensor `t` (allocated in a buffer of this context) into a new vector of `T`.
     pub fn read<T: Pod>(&self, t: Tensor<'_>) -> Result<Vec<T>> {
-        if !self.owns_data_of(t) {
-            return Err(Error::NotAllocated(t.name()));
+        match self.buffer_of(t) {
+            None => return Err(Error::NotAllocated(t.name())),
+            Some(false) => return Err(Error::Invalid(format!("tensor {:?} is repacked and cannot be read", t.name()))),
+            Some(true) => {}
         }
         crate::tensor::read_tensor(t)
     }

@@ -153,7 +153,8 @@ pub struct GgufFile {
     ctx: Context,
     path: PathBuf,
     infos: Vec<TensorInfo>,
-    mapped: bool,
+    /// The mapping behind the tensors, after `map_weights`.
+    map: Option<Arc<memmap2::MmapMut>>,
 }
 
 impl GgufFile {
@@ -172,10 +173,13 @@ impl GgufFile {
             CAPTURE_BUF.with(|b| b.borrow_mut().clear());
             // SAFETY: capture_log is a valid callback for the duration; the lock keeps other threads from swapping
             // the logger meanwhile; gguf_init_from_file reads the file and returns null on any parse error.
+            // The previous logger is put back afterwards.
             unsafe {
+                let (mut prev, mut prev_data) = (None, std::ptr::null_mut());
+                sys::ggml_log_get(&mut prev, &mut prev_data);
                 sys::ggml_log_set(Some(capture_log), std::ptr::null_mut());
                 let raw = sys::gguf_init_from_file(cpath.as_ptr(), params);
-                sys::ggml_log_set(None, std::ptr::null_mut());
+                sys::ggml_log_set(prev, prev_data);
                 raw
             }
         };
@@ -185,7 +189,7 @@ impl GgufFile {
         };
         // SAFETY: on success gguf_init_from_file created `meta`, a no_alloc context we now own.
         let ctx = unsafe { Context::from_raw(NonNull::new(meta).expect("gguf returned no tensor context")) };
-        let mut file = GgufFile { raw, ctx, path: path.clone(), infos: Vec::new(), mapped: false };
+        let mut file = GgufFile { raw, ctx, path: path.clone(), infos: Vec::new(), map: None };
         file.infos = file.read_infos()?;
         for t in &file.infos {
             if t.offset + t.size as u64 > file_size {
@@ -410,7 +414,7 @@ impl GgufFile {
     /// The mapping is private copy-on-write (`MAP_PRIVATE`): ggml never writes weights, and if it ever did the
     /// file would stay untouched. As with every memory map, the file must not be truncated while it is in use.
     pub fn map_weights(&mut self) -> Result<()> {
-        if self.mapped {
+        if self.map.is_some() {
             return Ok(());
         }
         let err = |msg: String| Error::Gguf { path: self.path.clone(), msg };
@@ -441,13 +445,48 @@ impl GgufFile {
             }
         }
         self.ctx.attach_buffer(buffer);
-        self.mapped = true;
+        self.map = Some(map);
         Ok(())
     }
 
-    /// Copies the tensors called `names` into a new context allocated on `backend` (a GPU taking layers), with
-    /// their data uploaded from the mapped file. Requires `map_weights`.
-    pub fn upload(&self, names: &[String], backend: &crate::Backend) -> Result<Context> {
+    /// The stored bytes of tensor `name`, borrowed from the mapping (after `map_weights`).
+    fn mapped_bytes(&self, name: &str) -> Result<&[u8]> {
+        let err = |msg: String| Error::Gguf { path: self.path.clone(), msg };
+        let map = self.map.as_ref().ok_or_else(|| err("weights are not mapped".into()))?;
+        let info = self.infos.iter().find(|i| i.name == name).ok_or_else(|| err(format!("no tensor {name}")))?;
+        // `open` checked offset + size <= file length == map length.
+        Ok(&map[info.offset as usize..info.offset as usize + info.size])
+    }
+
+    /// Hands the mapped pages lying wholly inside the named tensors back to the kernel, once copies of them serve
+    /// the model (uploaded to a GPU, repacked for the CPU), so they stop counting as resident memory. If the
+    /// mapped tensors are touched again the pages are re-read from the file: nothing is ever written to the
+    /// mapping, so every page is a clean copy of the file. Best effort.
+    pub fn release_pages(&self, names: &[String]) {
+        #[cfg(target_os = "linux")]
+        if let Some(map) = &self.map {
+            let page = 4096;
+            for info in self.infos.iter().filter(|i| names.contains(&i.name)) {
+                let start = (info.offset as usize).div_ceil(page) * page;
+                let end = (info.offset as usize + info.size) / page * page;
+                if end > start {
+                    // SAFETY: MADV_DONTNEED on a private file mapping that was never written: the dropped pages are
+                    // unmodified file pages, and touching them again maps the same file bytes, so no slice or
+                    // tensor pointing into the range can observe a change.
+                    let _ =
+                        unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+                }
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = names;
+    }
+
+    /// Copies the tensors called `names` into a new context allocated in one buffer of type `buft` (a GPU's memory,
+    /// or a CPU extra type that repacks them), written from the mapped file. Requires `map_weights`. As each is
+    /// copied its mapped pages are released (`release_pages`), so resident memory never holds both copies of
+    /// more than one tensor.
+    pub fn upload(&self, names: &[String], buft: crate::BufferType) -> Result<Context> {
         let ctx = Context::new(names.len().max(1), 0)?;
         let mut pairs = Vec::new();
         for n in names {
@@ -457,10 +496,11 @@ impl GgufFile {
             pairs.push((ctx.new_tensor(src.ty(), &src.ne()[..n_dims]).named(n), n));
         }
         if !names.is_empty() {
-            ctx.alloc_tensors(backend)?;
+            ctx.alloc_tensors_in(buft)?;
         }
         for (t, n) in pairs {
-            ctx.write(t, &self.tensor_bytes(n)?)?;
+            ctx.write(t, self.mapped_bytes(n)?)?;
+            self.release_pages(std::slice::from_ref(n));
         }
         Ok(ctx)
     }
