@@ -136,7 +136,7 @@ fn beam_steps(model: &LlamaModel<'_>, backend: &Backend, pp: usize, tg: usize) -
     let mut s = Session::new(model, &[backend], &params).unwrap();
     let logits = s.prefill(Input::Tokens(&prompt), 0, 0, false).unwrap();
     let t = Instant::now();
-    generate(&mut s, &cfg, &prompt, logits, pp as i32, |_| Ok(())).unwrap();
+    generate(&mut s, &cfg, &prompt, logits, pp as i32, &Default::default(), |_| Ok(())).unwrap();
     let whole = t.elapsed().as_secs_f64() * 1e3 / tg as f64;
     [greedy, model_ms / tg as f64, rust_ms / tg as f64, whole]
 }

@@ -2,10 +2,8 @@
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 use asagi_convert::{LlmType, MmprojType, Options};
 
 /// Flags of `convert` (see ../shared/spec/cli.md).
@@ -66,11 +64,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
         return Ok(());
     }
     // Ctrl-C stops the conversion between chunks; the .part files are removed on the way out.
-    let cancel = Arc::new(AtomicBool::new(false));
-    let flag = cancel.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-        .map_err(|e| anyhow!("cannot install the Ctrl-C handler: {e}"))?;
-    let written = asagi_convert::write(&conversion, &opts, &cancel)?;
+    let written = asagi_convert::write(&conversion, &opts, crate::interrupt::flag())?;
     for w in &written {
         eprintln!("wrote {} ({:.1} MiB, {:.1} s)", w.path.display(), w.bytes as f64 / 1048576.0, w.seconds);
     }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use asagi_convert::{LlmType, MmprojType, Options};
 
+use crate::load::ModelArgs;
 use crate::run_cmd::{self, RunArgs};
 use crate::synth;
 
@@ -81,19 +82,16 @@ pub fn run(a: DemoArgs) -> Result<()> {
 
     let question = "この画像には何が写っていますか？";
     eprintln!("[4/4] run: image + question {question:?} (random weights: expect gibberish)");
+    let mut load = ModelArgs::new(opts.outfile.unwrap(), opts.mmproj_outfile);
+    load.ctx_size = Some(1024);
+    load.threads = Some(threads);
     run_cmd::run(RunArgs {
-        model: opts.outfile.unwrap(),
-        mmproj: opts.mmproj_outfile,
+        load,
         images: vec![image],
         prompt: Some(question.into()),
         raw_prompt: None,
         n_predict: a.n_predict,
         decoding: run_cmd::default_decoding(),
-        ctx_size: Some(1024),
-        n_gpu_layers: 0,
-        no_repack: false,
-        cache_type: "f16".into(),
-        threads: Some(threads),
         json: false,
         dump_logits: None,
     })

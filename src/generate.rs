@@ -4,6 +4,8 @@
 //! read once per step; after each step the cache relabels its cells (`KvCache::reorder`) instead of copying
 //! K/V data, and the prompt's cells stay shared by every beam.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use anyhow::{bail, Result};
 
 use crate::llm::{Batch, Input, Session, MAX_SEQ};
@@ -19,6 +21,8 @@ pub struct Generated {
     pub eos: Option<u32>,
     /// HF's sequence score (beam modes only).
     pub score: Option<f64>,
+    /// Stopped early through the `stop` flag (Ctrl-C): neither an end token nor the length limit.
+    pub interrupted: bool,
 }
 
 /// Greedy decoding of sequence 0 after a prefill whose last-row logits are `logits`, from position `pos`:
@@ -47,21 +51,29 @@ pub fn greedy(
 
 /// Generates from a prompt already prefilled in sequence 0 (positions `0..pos`), whose last-row logits are
 /// `logits`. `history` is the prompt as HF's `input_ids` (one `<image>` id per image): the repetition penalty
-/// and n-gram bans look at it. `on_token` is called with each token as soon as it is final (num_beams = 1; with
-/// beams nothing is final before the end). Returns `num_return_sequences` sequences (beams) or one.
+/// and n-gram bans look at it. Returns `num_return_sequences` sequences (beams) or one, best first.
+///
+/// `on_token` sees every token of the first returned sequence, in order, each as soon as it is final: at once
+/// when sampling or greedy; with beams, the prefix all beams and finished hypotheses share as it grows, and the
+/// rest at the end. Setting `stop` ends generation after the current step (the sequences so far are returned,
+/// marked `interrupted`).
+///
+/// Afterwards sequence 0 of the cache holds the prompt and, without beams, the generated tokens; with beams the
+/// cells of the search are left as they are (see `keep_sequence` to continue a conversation).
 pub fn generate(
     session: &mut Session<'_>,
     cfg: &GenerationConfig,
     history: &[u32],
     logits: Vec<f32>,
     pos: i32,
+    stop: &AtomicBool,
     on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<Generated>> {
     cfg.validate()?;
     if cfg.num_beams > 1 {
-        beams(session, cfg, history, logits, pos)
+        beams(session, cfg, history, logits, pos, stop, on_token)
     } else {
-        single(session, cfg, history, logits, pos, on_token).map(|g| vec![g])
+        single(session, cfg, history, logits, pos, stop, on_token).map(|g| vec![g])
     }
 }
 
@@ -71,15 +83,19 @@ fn single(
     history: &[u32],
     mut logits: Vec<f32>,
     mut pos: i32,
+    stop: &AtomicBool,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Generated> {
     let mut sampler = Sampler::new(cfg, history.len())?;
     let mut hist = history.to_vec();
     let mut tokens = Vec::new();
     for _ in 0..cfg.max_new(history.len())? {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(Generated { tokens, eos: None, score: None, interrupted: true });
+        }
         let id = sampler.next(&logits, &hist)?;
         if cfg.is_eos(id) {
-            return Ok(Generated { tokens, eos: Some(id), score: None });
+            return Ok(Generated { tokens, eos: Some(id), score: None, interrupted: false });
         }
         on_token(id)?;
         tokens.push(id);
@@ -87,7 +103,7 @@ fn single(
         logits = session.prefill(Input::Tokens(&[id]), 0, pos, false)?;
         pos += 1;
     }
-    Ok(Generated { tokens, eos: None, score: None })
+    Ok(Generated { tokens, eos: None, score: None, interrupted: false })
 }
 
 fn beams(
@@ -96,6 +112,8 @@ fn beams(
     history: &[u32],
     logits: Vec<f32>,
     mut pos: i32,
+    stop: &AtomicBool,
+    mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<Generated>> {
     let k = cfg.num_beams;
     if k > MAX_SEQ || k > session.n_ubatch() {
@@ -103,11 +121,23 @@ fn beams(
     }
     let n_vocab = session.model.hp.n_vocab;
     let mut search = BeamSearch::new(cfg, history)?;
+    let mut streamed = 0;
+    let mut interrupted = false;
     // First step: one row, the prompt's. Afterwards one row per beam, beam i in sequence i.
     let mut rows: Vec<Vec<f32>> = vec![logits];
     loop {
         let step = search.step(&rows)?;
+        if cfg.num_return_sequences == 1 {
+            for &t in &search.settled_prefix()[streamed..] {
+                on_token(t)?;
+                streamed += 1;
+            }
+        }
         if step.done {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            interrupted = true;
             break;
         }
         // New beam i continues old row reorder[i]: relabel the cache cells, then feed each beam its token.
@@ -122,9 +152,28 @@ fn beams(
         rows = out.chunks(n_vocab).map(|c| c.to_vec()).collect();
         pos += 1;
     }
-    Ok(search
+    let out: Vec<Generated> = search
         .finalize()
         .into_iter()
-        .map(|h| Generated { tokens: h.tokens, eos: h.eos, score: Some(h.score) })
-        .collect())
+        .map(|h| Generated { tokens: h.tokens, eos: h.eos, score: Some(h.score), interrupted })
+        .collect();
+    if let Some(best) = out.first() {
+        let from = if cfg.num_return_sequences == 1 { streamed } else { 0 };
+        for &t in &best.tokens[from..] {
+            on_token(t)?;
+        }
+    }
+    Ok(out)
+}
+
+/// After a beam search, makes sequence 0 of the cache hold exactly `tokens` after the prompt (positions
+/// `prompt_len..`), so a conversation can go on from the chosen answer: the other beams are dropped, sequence 0
+/// is cut back to the prompt (whose cells every beam shared) and the answer is prefilled in one batch.
+pub fn keep_sequence(session: &mut Session<'_>, prompt_len: i32, tokens: &[u32]) -> Result<()> {
+    session.cache.reorder(&[0]);
+    session.cache.seq_truncate(0, prompt_len);
+    if !tokens.is_empty() {
+        session.prefill(Input::Tokens(tokens), 0, prompt_len, false)?;
+    }
+    Ok(())
 }

@@ -5,11 +5,15 @@
 
 pub use ggml;
 
+pub mod chat;
+pub mod chat_cmd;
 pub mod convert_cmd;
 pub mod demo_cmd;
 pub mod generate;
 pub mod info;
+pub mod interrupt;
 pub mod llm;
+pub mod load;
 pub mod multimodal;
 pub mod preprocess;
 pub mod run_cmd;

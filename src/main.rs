@@ -17,11 +17,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Interactive multi-turn conversation, images attached with /image; the KV cache is kept between turns.
+    Chat(asagi_gguf::chat_cmd::ChatArgs),
     /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
     Convert(asagi_gguf::convert_cmd::ConvertArgs),
     /// The whole pipeline on a generated tiny checkpoint, no downloads: synth, convert, run with an image.
     Demo(asagi_gguf::demo_cmd::DemoArgs),
-    /// Generate text with a language-model GGUF (greedy decoding).
+    /// Answer one question (with images) as the model card decodes: beam sample, 5 beams; flags override.
     Run(asagi_gguf::run_cmd::RunArgs),
     /// Print the token ids of a text.
     Tokenize(asagi_gguf::tokenize_cmd::TokenizeArgs),
@@ -54,6 +56,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(args) => asagi_gguf::convert_cmd::run(args)?,
         Command::Run(args) => asagi_gguf::run_cmd::run(args)?,
+        Command::Chat(args) => asagi_gguf::chat_cmd::run(args)?,
         Command::Demo(args) => asagi_gguf::demo_cmd::run(args)?,
         Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
         Command::Synth { size, out, seed, force } => {

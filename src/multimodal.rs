@@ -46,8 +46,20 @@ pub fn prefill(
     seq: usize,
     all_logits: bool,
 ) -> Result<(Vec<f32>, i32)> {
+    prefill_at(session, segs, seq, 0, all_logits)
+}
+
+/// As `prefill`, continuing sequence `seq` from position `pos0` (a follow-up turn of a conversation whose
+/// earlier turns are still in the cache). Returns the logits and the position after the last one.
+pub fn prefill_at(
+    session: &mut Session<'_>,
+    segs: &[Segment<'_>],
+    seq: usize,
+    pos0: i32,
+    all_logits: bool,
+) -> Result<(Vec<f32>, i32)> {
     let n_embd = session.model.hp.n_embd;
-    let mut pos = 0i32;
+    let mut pos = pos0;
     let mut logits = Vec::new();
     for (k, s) in segs.iter().enumerate() {
         let last = k + 1 == segs.len();

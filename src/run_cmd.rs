@@ -5,17 +5,13 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use ggml::gguf::GgufFile;
-use ggml::{Backend, Type};
 use serde_json::json;
 
 use crate::generate;
-use crate::llm::{is_matmul_weight, LlamaModel, Session, SessionParams};
+use crate::load::{Loaded, ModelArgs};
 use crate::multimodal;
 use crate::sampling::GenerationConfig;
-use crate::tokenizer::Tokenizer;
-use crate::vision::{VisionEncoder, VisionModel};
-use crate::weights;
+use crate::vision::VisionEncoder;
 
 /// Asagi's instruction template (model card; training code's pre/post prompt). `{images}` holds one
 /// "<image>\n" per image.
@@ -28,12 +24,8 @@ pub fn asagi_prompt(question: &str, n_images: usize) -> String {
 
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
-    /// Language-model GGUF.
-    #[arg(short = 'm', long)]
-    pub model: PathBuf,
-    /// mmproj GGUF (vision encoder + projector), needed with --image.
-    #[arg(long)]
-    pub mmproj: Option<PathBuf>,
+    #[command(flatten)]
+    pub load: ModelArgs,
     /// Image file (repeatable); each goes where the prompt has `<image>`, in order.
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
@@ -48,23 +40,6 @@ pub struct RunArgs {
     pub n_predict: usize,
     #[command(flatten)]
     pub decoding: DecodingArgs,
-    /// Context size in tokens [default: the model's training context].
-    #[arg(short = 'c', long)]
-    pub ctx_size: Option<usize>,
-    /// Layers to run on the GPU (the last N blocks; more than the block count also takes the output layer).
-    /// Needs a build with --features cuda, metal or vulkan.
-    #[arg(long = "n-gpu-layers", visible_alias = "ngl", default_value_t = 0)]
-    pub n_gpu_layers: usize,
-    /// Use the weights as stored, without repacking Q4_0/Q4_K/IQ4_NL matrices into the CPU's interleaved layouts
-    /// (slower prefill and beam steps; the file's pages can be dropped by the kernel under memory pressure).
-    #[arg(long)]
-    pub no_repack: bool,
-    /// KV cache type: f16, f32 or q8_0.
-    #[arg(long, default_value = "f16")]
-    pub cache_type: String,
-    /// Worker threads [default: physical cores].
-    #[arg(short = 't', long)]
-    pub threads: Option<usize>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -155,35 +130,12 @@ impl DecodingArgs {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let t_load = Instant::now();
-    let cache_type = match args.cache_type.to_ascii_lowercase().as_str() {
-        "f16" => Type::F16,
-        "f32" => Type::F32,
-        "q8_0" => Type::Q8_0,
-        other => bail!("--cache-type {other}: one of f16, f32, q8_0"),
-    };
-    let mut file = GgufFile::open(&args.model)?;
-    file.map_weights()?;
-    let (tok, _) = Tokenizer::from_gguf(&file)?;
-    let backend = Backend::cpu(args.threads.unwrap_or_else(num_cpus::get_physical))?;
-    // -ngl: upload the offloaded layers to the GPU; the scheduler runs each op where its weights are.
-    let gpu = match args.n_gpu_layers {
-        0 => None,
-        _ => Some(Backend::first_gpu().context(
-            "-ngl needs a GPU: this build has no GPU backend or found no device (build with --features cuda, metal or vulkan)",
-        )?),
-    };
-    let offloaded = match &gpu {
-        Some(_) => crate::llm::offloaded_tensors(&file, args.n_gpu_layers)?,
-        None => Vec::new(),
-    };
-    let placed = weights::place(&file, gpu.as_ref().map(|g| (g, &offloaded[..])), !args.no_repack, is_matmul_weight)?;
-    if let Some(s) = placed.summary() {
-        eprintln!("{}: {s}", args.model.display());
-    }
-    let model = LlamaModel::load_with(&file, &placed.contexts)?;
-    let backends: Vec<&Backend> = gpu.iter().chain([&backend]).collect();
-    let n_ctx = args.ctx_size.unwrap_or(model.hp.n_ctx_train);
-    let mut session = Session::new(&model, &backends, &SessionParams { n_ctx, cache_type, ..Default::default() })?;
+    let loaded = Loaded::open(&args.load, !args.images.is_empty())?;
+    let tok = &loaded.tok;
+    let model = loaded.model()?;
+    let vmodel = loaded.vision(&model)?;
+    let backends = loaded.backends();
+    let mut session = loaded.session(&model, &backends)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let text = match (&args.prompt, &args.raw_prompt) {
@@ -195,29 +147,17 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     // Images: encode each with the vision tower, then splice at the <image> tokens.
     let t_img = Instant::now();
-    let images = match (&args.mmproj, args.images.is_empty()) {
-        (_, true) => Vec::new(),
-        (None, false) => bail!("--image needs --mmproj"),
-        (Some(mm), false) => {
-            let mut mfile = GgufFile::open(mm)?;
-            mfile.map_weights()?;
-            let vplaced = weights::place(&mfile, None, !args.no_repack, crate::vision::is_matmul_weight)?;
-            let vmodel = VisionModel::load_with(&mfile, &vplaced.contexts)?;
-            if vmodel.hp.n_mmproj != model.hp.n_embd {
-                bail!(
-                    "{} projects to {} values but the language model's embeddings have {}",
-                    mm.display(),
-                    vmodel.hp.n_mmproj,
-                    model.hp.n_embd
-                );
-            }
-            let mut enc = VisionEncoder::new(&vmodel, &backends)?;
+    let images = match &vmodel {
+        None => Vec::new(),
+        Some(v) => {
+            let mut enc = VisionEncoder::new(v, &backends)?;
             args.images.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>()?
         }
     };
     let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
     let segs = multimodal::segments(&prompt, tok.image, &images)?;
     let n_positions = prompt.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
+    let n_ctx = session.cache.n_cells();
     if n_positions + args.n_predict > n_ctx {
         bail!("prompt ({n_positions} positions) + -n {} exceed the context of {n_ctx} tokens", args.n_predict);
     }
@@ -235,11 +175,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("sampling seed    = {seed} (--seed {seed} repeats this run)");
         cfg.seed = Some(seed);
     }
+    // Ctrl-C ends the generation (what was generated is printed), a second one the program.
+    let stop = crate::interrupt::flag();
     let t_gen = Instant::now();
     let mut stream = tok.stream(true);
     let mut stdout = std::io::stdout().lock();
-    let beams = cfg.num_beams > 1;
-    let best = generate::generate(&mut session, &cfg, &prompt, logits, pos, |id| {
+    let best = generate::generate(&mut session, &cfg, &prompt, logits, pos, stop, |id| {
         if !args.json {
             stdout.write_all(stream.push(id)?.as_bytes())?;
             stdout.flush()?;
@@ -250,12 +191,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     .next()
     .expect("at least one sequence");
     let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
-    let stop_reason = if best.eos.is_some() { "eos" } else { "length" };
+    let stop_reason = match (&best.eos, best.interrupted) {
+        (Some(_), _) => "eos",
+        (None, true) => "interrupted",
+        (None, false) => "length",
+    };
     let generated = best.tokens.clone();
-    if beams && !args.json {
-        // Beams: nothing is final before the search ends; print the best hypothesis.
-        stdout.write_all(tok.decode(&generated, true)?.as_bytes())?;
-    }
     let n_decoded = generated.len().max(1);
     if args.json {
         let out = json!({
@@ -269,6 +210,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         writeln!(stdout)?;
     }
+    for line in loaded.placement_summary() {
+        eprintln!("{line}");
+    }
     eprintln!("load time        = {load_ms:10.2} ms");
     if !images.is_empty() {
         eprintln!("image encode     = {image_ms:10.2} ms / {:5} images", images.len());
@@ -278,10 +222,11 @@ pub fn run(args: RunArgs) -> Result<()> {
         pos as f64 / (prompt_ms / 1e3)
     );
     eprintln!(
-        "eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second{})",
+        "eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second{}){}",
         generated.len(),
         n_decoded as f64 / (gen_ms / 1e3),
-        if beams { format!(", {} beams", cfg.num_beams) } else { String::new() }
+        if cfg.num_beams > 1 { format!(", {} beams", cfg.num_beams) } else { String::new() },
+        if best.interrupted { ", interrupted" } else { "" }
     );
     Ok(())
 }

@@ -79,6 +79,21 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` as it would be tokenized following earlier text (a conversation's next turn): no BOS,
+    /// and no word-start marker in front (SentencePiece-style tokenizers prepend `▁` to every input they see,
+    /// which HF, tokenizing the whole conversation at once, would not do mid-text). Done by tokenizing behind an
+    /// anchor character and removing the anchor's tokens; if the anchor merged with the text (its tokens are not
+    /// a prefix), plain `encode`.
+    pub fn encode_continuation(&self, text: &str) -> Result<Vec<u32>> {
+        const ANCHOR: &str = "。";
+        let anchor = self.encode(ANCHOR, false)?;
+        let ids = self.encode(&format!("{ANCHOR}{text}"), false)?;
+        match ids.strip_prefix(anchor.as_slice()) {
+            Some(rest) => Ok(rest.to_vec()),
+            None => self.encode(text, false),
+        }
+    }
+
     /// Text of `ids` (byte-fallback pieces joined into UTF-8), skipping special tokens if asked.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| anyhow!("decoding: {e}"))

@@ -1,7 +1,8 @@
-//! The command line end to end: `demo` (what the README tells newcomers to run), then `info`, `tokenize` and
-//! `run --json` on the files it made.
+//! The command line end to end: `demo` (what the README tells newcomers to run), then `info`, `tokenize`,
+//! `run --json` and `chat --json` on the files it made.
 
-use std::process::Command;
+use std::io::Write;
+use std::process::{Command, Stdio};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
@@ -64,4 +65,33 @@ fn demo_then_info_tokenize_and_run() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert_eq!(bad.status.code(), Some(1), "{err}");
     assert!(err.contains("nope.png"), "{err}");
+
+    // chat: an image turn, then a follow-up that only prefills its own tokens on top of the kept cache.
+    let mut chat = bin()
+        .args(["chat", "--json", "--greedy", "-n", "3", "-t", "2", "-c", "1024", "--mmproj"])
+        .arg(&mmproj)
+        .arg("-m")
+        .arg(&llm)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let card = dir.path().join("test-card.png");
+    let script = format!("/image {}\n何ですか\n/bogus\n色は\n/quit\n", card.display());
+    chat.stdin.take().unwrap().write_all(script.as_bytes()).unwrap();
+    let out = chat.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("unknown command /bogus"), "{err}");
+    let turns: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(turns.len(), 2, "{turns:?}");
+    let n = |t: &serde_json::Value, k: &str| t[k].as_u64().unwrap();
+    assert_eq!(n(&turns[0], "n_past"), 0);
+    let ids0 = turns[0]["prompt_tokens"].as_array().unwrap().len() as u64;
+    assert!(n(&turns[0], "prompt_positions") > ids0, "the first turn's image expands to several positions");
+    let kept = n(&turns[0], "prompt_positions") + turns[0]["tokens"].as_array().unwrap().len() as u64;
+    assert_eq!(n(&turns[1], "n_past"), kept);
+    assert!(n(&turns[1], "prompt_positions") < 40, "the follow-up prefills its own tokens only");
 }

@@ -51,7 +51,7 @@ fn beam_search_and_greedy_match_hf_generate() {
                     .unwrap();
             let segs = multimodal::segments(&ids, Some(image_token), &images).unwrap();
             let (logits, pos) = multimodal::prefill(&mut s, &segs, 0, false).unwrap();
-            let got = generate::generate(&mut s, &cfg, &ids, logits, pos, |_| Ok(())).unwrap();
+            let got = generate::generate(&mut s, &cfg, &ids, logits, pos, &Default::default(), |_| Ok(())).unwrap();
 
             let want = case["new_tokens"].as_array().unwrap();
             assert_eq!(got.len(), want.len(), "{variant} {name}: number of sequences");

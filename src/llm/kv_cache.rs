@@ -132,6 +132,13 @@ impl KvCache {
         }
     }
 
+    /// Removes sequence `s` from the cells at positions `p` and later (a conversation cut back to its prompt).
+    pub fn seq_truncate(&mut self, s: usize, p: i32) {
+        for c in self.cells.iter_mut().filter(|c| c.pos >= p) {
+            c.seqs &= !(1 << s);
+        }
+    }
+
     /// Removes every sequence.
     pub fn clear(&mut self) {
         self.cells.fill(Cell::default());
@@ -185,6 +192,10 @@ mod tests {
         assert_eq!(vis_of(&m, 0), vec![0, 1, 2, 4]);
         assert_eq!(vis_of(&m, 1), vec![0, 1, 2, 4]);
         assert_eq!(kv.claim(&[4], &[0]).unwrap(), vec![3], "freed cell reused");
+        // Cut back to positions 0..2: sequence 0 loses cells 2, 3 (position 4) and 4; sequence 1 keeps its own.
+        kv.seq_truncate(0, 2);
+        assert_eq!((kv.seq_len(0), kv.seq_len(1)), (2, 5));
+        assert_eq!(vis_of(&kv.mask(8, &[2], &[0]), 0), vec![0, 1]);
     }
 
     fn vis_of(m: &[half::f16], t: usize) -> Vec<usize> {

@@ -99,6 +99,16 @@ impl BeamSearch {
         self.done || self.steps >= self.max_new
     }
 
+    /// The longest prefix shared by every live beam and every kept hypothesis. New hypotheses only descend from
+    /// live beams and `finalize` picks among the two, so whatever it returns starts with this prefix: it is final
+    /// and can be streamed while the search goes on.
+    pub fn settled_prefix(&self) -> &[u32] {
+        let mut all = self.beams.iter().map(Vec::as_slice).chain(self.hyps.beams.iter().map(|h| h.tokens.as_slice()));
+        let first = all.next().unwrap_or(&[]);
+        let n = all.fold(first.len(), |n, s| n.min(first.iter().zip(s).take_while(|(a, b)| a == b).count()));
+        &first[..n]
+    }
+
     fn history(&self, beam: usize) -> Vec<u32> {
         let mut h = self.prompt.clone();
         h.extend_from_slice(&self.beams[beam]);
@@ -289,6 +299,42 @@ mod tests {
         assert_eq!(ra.tokens, rk.tokens);
         assert_eq!(ra.reorder, vec![0, 0]);
         assert_eq!(a.scores, k.scores);
+    }
+
+    /// The settled prefix only grows, and every returned hypothesis starts with the last one seen.
+    #[test]
+    fn settled_prefix_is_final() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut streamed = 0;
+        for trial in 0..50 {
+            let mut c = cfg(12);
+            c.num_beams = 3;
+            c.num_return_sequences = 3;
+            c.do_sample = trial % 2 == 1;
+            c.seed = Some(trial);
+            let mut b = BeamSearch::new(&c, &[9]).unwrap();
+            let mut rows: Vec<Vec<f32>> = vec![(0..6).map(|_| rng.random_range(-3.0..3.0)).collect()];
+            let mut prefix: Vec<u32> = Vec::new();
+            while !b.is_finished() {
+                let out = b.step(&rows).unwrap();
+                let p = b.settled_prefix().to_vec();
+                assert!(p.starts_with(&prefix), "prefix shrank: {prefix:?} -> {p:?}");
+                prefix = p;
+                if out.done {
+                    break;
+                }
+                // Peaked rows make the beams agree on long stretches.
+                rows = (0..3)
+                    .map(|_| (0..6).map(|i| if i == 1 { 4.0 } else { rng.random_range(-3.0..3.0) }).collect())
+                    .collect();
+            }
+            for h in b.finalize() {
+                assert!(h.tokens.starts_with(&prefix), "{:?} does not start with {prefix:?}", h.tokens);
+            }
+            streamed += prefix.len();
+        }
+        assert!(streamed > 0, "no trial settled any token: the test checks nothing");
     }
 
     /// Without EOS and at max length the open beams are returned, best first, length-normalized.
