@@ -5,6 +5,8 @@
 
 pub use ggml;
 
+pub mod bench;
+pub mod bench_cmd;
 pub mod chat;
 pub mod chat_cmd;
 pub mod convert_cmd;

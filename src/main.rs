@@ -17,6 +17,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Speed and memory on a model: prefill, decode, image encode, time to first token, beam step, bandwidth bound.
+    Bench(asagi_gguf::bench_cmd::BenchArgs),
     /// Interactive multi-turn conversation, images attached with /image; the KV cache is kept between turns.
     Chat(asagi_gguf::chat_cmd::ChatArgs),
     /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
@@ -57,6 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(args) => asagi_gguf::convert_cmd::run(args)?,
         Command::Run(args) => asagi_gguf::run_cmd::run(args)?,
         Command::Chat(args) => asagi_gguf::chat_cmd::run(args)?,
+        Command::Bench(args) => asagi_gguf::bench_cmd::run(args)?,
         Command::Demo(args) => asagi_gguf::demo_cmd::run(args)?,
         Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
         Command::Synth { size, out, seed, force } => {

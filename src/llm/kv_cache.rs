@@ -192,9 +192,9 @@ mod tests {
         assert_eq!(vis_of(&m, 0), vec![0, 1, 2, 4]);
         assert_eq!(vis_of(&m, 1), vec![0, 1, 2, 4]);
         assert_eq!(kv.claim(&[4], &[0]).unwrap(), vec![3], "freed cell reused");
-        // Cut back to positions 0..2: sequence 0 loses cells 2, 3 (position 4) and 4; sequence 1 keeps its own.
+        // Cut back to positions 0..2: sequence 0 loses positions 2..4; sequence 1 keeps positions 0..3.
         kv.seq_truncate(0, 2);
-        assert_eq!((kv.seq_len(0), kv.seq_len(1)), (2, 5));
+        assert_eq!((kv.seq_len(0), kv.seq_len(1)), (2, 4));
         assert_eq!(vis_of(&kv.mask(8, &[2], &[0]), 0), vec![0, 1]);
     }
 

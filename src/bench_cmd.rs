@@ -1,0 +1,118 @@
+//! `asagi-gguf bench`: this runtime's speed and memory on a model (text prefill, image-token prefill, decode,
+//! image encode, time to first token, a 5-beam step against a greedy one, peak RSS), and how close decode gets
+//! to the memory-bandwidth bound. `cargo bench --bench compare` runs the same next to llama.cpp.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::bench::{self, median};
+use crate::load::{Loaded, ModelArgs};
+use crate::run_cmd::asagi_prompt;
+use crate::vision::VisionEncoder;
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub load: ModelArgs,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    pub reps: usize,
+    /// Text prompt length.
+    #[arg(long, default_value_t = 512)]
+    pub pp: usize,
+    /// Decode steps.
+    #[arg(long, default_value_t = 128)]
+    pub tg: usize,
+    /// Beam-search steps (5 beams, the model card's beam sample), and as many greedy ones.
+    #[arg(long, default_value_t = 16)]
+    pub beam_steps: usize,
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let threads = a.load.threads.unwrap_or_else(num_cpus::get_physical);
+    // First, while no ggml worker thread exists to compete for the cores.
+    let bw = bench::read_bandwidth(1 << 30, threads, 5);
+    bench::reset_peak_rss();
+    let t = std::time::Instant::now();
+    let loaded = Loaded::open(&a.load, a.load.mmproj.is_some())?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let model = loaded.model()?;
+    let vmodel = loaded.vision(&model)?;
+    let backends = loaded.backends();
+    bench::check_fits(&model, a.pp.max(a.tg + 64))?;
+    let mut s = loaded.session(&model, &backends)?;
+    let path = |p: &PathBuf| p.display().to_string();
+    println!(
+        "model {}{}  threads {threads}  reps {}  ggml {}  CPU {}",
+        path(&a.load.model),
+        a.load.mmproj.as_ref().map(|m| format!("  mmproj {}", path(m))).unwrap_or_default(),
+        a.reps,
+        ggml::version(),
+        ggml::cpu_features()
+    );
+    for line in loaded.placement_summary() {
+        println!("{line}");
+    }
+    let row = |name: &str, value: String| println!("{name:<28} {value}");
+    row("load", format!("{load_ms:.0} ms"));
+    let reps = |f: &mut dyn FnMut() -> Result<f64>| -> Result<f64> {
+        let mut v = Vec::new();
+        for _ in 0..a.reps.max(1) {
+            v.push(f()?);
+        }
+        Ok(median(v))
+    };
+    let pp = reps(&mut || bench::prefill_text(&mut s, a.pp))?;
+    row(&format!("pp{} (text prefill)", a.pp), format!("{pp:.2} tok/s"));
+    let tg = reps(&mut || bench::decode(&mut s, 64, a.tg))?;
+    row(&format!("tg{} (decode)", a.tg), format!("{tg:.2} tok/s"));
+
+    if let Some(v) = &vmodel {
+        let n_img = v.hp.n_image_tokens();
+        let ip = reps(&mut || bench::prefill_embeddings(&mut s, n_img))?;
+        row(&format!("image prefill ({n_img} tokens)"), format!("{ip:.2} tok/s"));
+        let mut enc = VisionEncoder::new(v, &backends)?;
+        let px = bench::test_pixels(v.hp.image_size);
+        let enc_ms = reps(&mut || {
+            let t = std::time::Instant::now();
+            enc.encode_pixels(&px, 1)?;
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        })?;
+        row("image encode", format!("{:.2} s", enc_ms / 1e3));
+        let prompt = loaded.tok.encode(&asagi_prompt("この画像について説明してください。", 1), true)?;
+        let ttft = reps(&mut || bench::time_to_first_token(&mut enc, &mut s, &prompt, loaded.tok.image, &px))?;
+        row("time to first token", format!("{:.2} s (image + question, {} text tokens)", ttft / 1e3, prompt.len()));
+    }
+
+    let steps: Vec<bench::BeamSteps> =
+        (0..a.reps.max(1)).map(|_| bench::beam_steps(&mut s, 64, a.beam_steps)).collect::<Result<_>>()?;
+    let med = |f: fn(&bench::BeamSteps) -> f64| median(steps.iter().map(f).collect());
+    let (g, b) = (med(|x| x.greedy_ms), med(|x| x.beam_ms));
+    row("greedy step", format!("{g:.1} ms"));
+    row(
+        "5-beam step",
+        format!(
+            "{b:.1} ms = {:.2}x greedy (model {:.1} ms, search {:.1} ms)",
+            b / g,
+            med(|x| x.model_ms),
+            med(|x| x.search_ms)
+        ),
+    );
+
+    let bytes = bench::decode_bytes_per_token(&loaded.llm);
+    let bound = bw * 1e9 / bytes as f64;
+    row("memory read bandwidth", format!("{bw:.1} GB/s ({threads} threads, 1 GiB)"));
+    row(
+        "decode bound",
+        format!(
+            "{bound:.2} tok/s ({:.2} GB read per token); decode reaches {:.0}%",
+            bytes as f64 / 1e9,
+            100.0 * tg / bound
+        ),
+    );
+    if let Some(rss) = bench::peak_rss() {
+        row("peak RSS", format!("{:.2} GB", rss as f64 / 1e9));
+    }
+    Ok(())
+}
