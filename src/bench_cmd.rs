@@ -32,7 +32,7 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> Result<()> {
     let threads = a.load.threads.unwrap_or_else(num_cpus::get_physical);
     // First, while no ggml worker thread exists to compete for the cores.
-    let bw = bench::read_bandwidth(1 << 30, threads, 5);
+    let bw = bench::read_bandwidth(1 << 30, threads, 10);
     bench::reset_peak_rss();
     let t = std::time::Instant::now();
     let loaded = Loaded::open(&a.load, a.load.mmproj.is_some())?;
