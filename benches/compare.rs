@@ -1,8 +1,11 @@
 //! asagi-gguf next to llama.cpp (through llama-cpp-2 and its mtmd, linked against the same llama-cpp-sys-2, so the
 //! same ggml build) on the same GGUF files, alternating runs, medians. One command:
 //!
-//!   cargo bench --bench compare -- --model LLM.gguf [--mmproj MMPROJ.gguf] [--threads 2] [--reps 3]
-//!                                  [--pp 512] [--tg 128] [--beam-steps 16] [--no-repack]
+//!   cargo bench --bench compare -- --model LLM.gguf [--mmproj MMPROJ.gguf] [--peer-mmproj MMPROJ.gguf]
+//!                                  [--threads 2] [--reps 3] [--pp 512] [--tg 128] [--beam-steps 16] [--no-repack]
+//!
+//! `--peer-mmproj` gives llama.cpp another vision file than ours (say its F16 one against our 8-bit one); the
+//! difference of the two image embeddings is then printed as the quality cost.
 //!
 //! Rows: text prefill (pp), decode (tg), image-token prefill, image encode, time to first token for image +
 //! question, a 5-beam step (llama.cpp has no beam search: its row is the same batch of 5 sequences through the
@@ -37,6 +40,7 @@ const RSS_TOKENS: usize = 16;
 struct Args {
     model: String,
     mmproj: Option<String>,
+    peer_mmproj: Option<String>,
     threads: usize,
     reps: usize,
     pp: usize,
@@ -51,6 +55,7 @@ fn args() -> Args {
     let mut a = Args {
         model: String::new(),
         mmproj: None,
+        peer_mmproj: None,
         threads: 2,
         reps: 3,
         pp: 512,
@@ -67,6 +72,7 @@ fn args() -> Args {
         match v[i].as_str() {
             "--model" => a.model = val(),
             "--mmproj" => a.mmproj = Some(val()),
+            "--peer-mmproj" => a.peer_mmproj = Some(val()),
             "--threads" => a.threads = num("--threads"),
             "--reps" => a.reps = num("--reps").max(1),
             "--pp" => a.pp = num("--pp"),
@@ -98,7 +104,13 @@ fn model_args(a: &Args) -> ModelArgs {
 
 // ---- llama.cpp ----
 
-fn peer_context<'m>(backend: &LlamaBackend, model: &'m PeerModel, a: &Args, n_ctx: usize, n_seq: u32) -> LlamaContext<'m> {
+fn peer_context<'m>(
+    backend: &LlamaBackend,
+    model: &'m PeerModel,
+    a: &Args,
+    n_ctx: usize,
+    n_seq: u32,
+) -> LlamaContext<'m> {
     let params = LlamaContextParams::default()
         .with_n_ctx(NonZeroU32::new(n_ctx as u32))
         .with_n_batch(a.pp.max(512) as u32)
@@ -164,8 +176,12 @@ struct PeerVision {
 
 impl PeerVision {
     fn new(a: &Args, mm: &str, model: &PeerModel, size: usize) -> PeerVision {
-        let params =
-            MtmdContextParams { use_gpu: false, print_timings: false, n_threads: a.threads as i32, ..Default::default() };
+        let params = MtmdContextParams {
+            use_gpu: false,
+            print_timings: false,
+            n_threads: a.threads as i32,
+            ..Default::default()
+        };
         let mtmd = MtmdContext::init_from_file(mm, model, &params).expect("mtmd context");
         // The same smooth test image as ours, as 8-bit RGB at the encoder's size (no resize on either side).
         let rgb: Vec<u8> = (0..size * size * 3).map(|i| ((i / 3 % size) * 255 / size) as u8).collect();
@@ -206,6 +222,7 @@ impl PeerVision {
 fn rss_job(a: &Args, side: &str) {
     bench::reset_peak_rss();
     let mm = a.mmproj.as_deref().expect("--mmproj");
+    let peer_mm = a.peer_mmproj.as_deref().unwrap_or(mm);
     if side == "ours" {
         let loaded = Loaded::open(&model_args(a), true).unwrap();
         let model = loaded.model().unwrap();
@@ -225,8 +242,8 @@ fn rss_job(a: &Args, side: &str) {
         let backend = LlamaBackend::init().unwrap();
         let model = PeerModel::load_from_file(&backend, &a.model, &LlamaModelParams::default()).unwrap();
         let mut ctx = peer_context(&backend, &model, a, 1024, 1);
-        let size = image_size(mm);
-        let mut pv = PeerVision::new(a, mm, &model, size);
+        let size = image_size(peer_mm);
+        let mut pv = PeerVision::new(a, peer_mm, &model, size);
         let (_, n_past) = pv.ttft_ms(&mut ctx);
         let mut batch = LlamaBatch::new(1, 1);
         for i in 0..RSS_TOKENS {
@@ -241,12 +258,29 @@ fn rss_job(a: &Args, side: &str) {
 fn child_rss(a: &Args, side: &str) -> Option<f64> {
     let mut cmd = Command::new(std::env::current_exe().ok()?);
     cmd.args(["--model", &a.model, "--mmproj", a.mmproj.as_deref()?, "--threads", &a.threads.to_string()]);
+    if let Some(p) = &a.peer_mmproj {
+        cmd.args(["--peer-mmproj", p]);
+    }
     if a.no_repack {
         cmd.arg("--no-repack");
     }
     let out = cmd.args(["--rss-child", side]).output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines().find_map(|l| l.strip_prefix("RSS ")).and_then(|v| v.trim().parse::<f64>().ok()).map(|b| b / 1e9)
+}
+
+/// How far our image embeddings are from those of the peer's vision file (run by us): relative RMS.
+fn embedding_difference(enc: &mut VisionEncoder<'_>, other: &str, backends: &[&ggml::Backend], px: &[f32]) -> String {
+    let mut f = ggml::gguf::GgufFile::open(other).unwrap();
+    f.map_weights().unwrap();
+    let v = asagi_gguf::vision::VisionModel::load(&f).unwrap();
+    let reference = VisionEncoder::new(&v, backends).unwrap().encode_pixels(px, 1).unwrap().remove(0).data;
+    let ours = enc.encode_pixels(px, 1).unwrap().remove(0).data;
+    let (num, den) = ours
+        .iter()
+        .zip(&reference)
+        .fold((0f64, 0f64), |(n, d), (&a, &b)| (n + ((a - b) as f64).powi(2), d + (b as f64).powi(2)));
+    format!("image embeddings, ours vs {other}: relative RMS difference {:.2e}", (num / den).sqrt())
 }
 
 fn image_size(mm: &str) -> usize {
@@ -262,9 +296,6 @@ fn main() {
         rss_job(&a, &side);
         return;
     }
-    // Measured first, before any ggml worker thread exists.
-    let bw = bench::read_bandwidth(1 << 30, a.threads, 10);
-
     let loaded = Loaded::open(&model_args(&a), a.mmproj.is_some()).unwrap();
     let model = loaded.model().unwrap();
     let vmodel = loaded.vision(&model).unwrap();
@@ -279,9 +310,10 @@ fn main() {
     let mut pctx = peer_context(&backend_peer, &peer_model, &a, n_ctx, 5);
 
     println!(
-        "model {}{}  threads {}  reps {}  ggml {}  CPU {}",
+        "model {}{}{}  threads {}  reps {}  ggml {}  CPU {}",
         a.model,
         a.mmproj.as_ref().map(|m| format!("  mmproj {m}")).unwrap_or_default(),
+        a.peer_mmproj.as_ref().map(|m| format!("  llama.cpp mmproj {m}")).unwrap_or_default(),
         a.threads,
         a.reps,
         ggml::version(),
@@ -304,16 +336,28 @@ fn main() {
 
     let (o, p) = pair(&mut || (bench::prefill_text(&mut s, a.pp).unwrap(), peer_pp(&mut pctx, a.pp, n_vocab)));
     row(&format!("pp{} tok/s", a.pp), o, p);
-    let (o, p) =
-        pair(&mut || (bench::decode(&mut s, 64, a.tg).unwrap(), peer_tg(&mut pctx, 64, a.tg, n_vocab)));
+    // This VM's memory bandwidth drifts over minutes (30 to 60 GB/s measured), so it is measured next to each
+    // decode run and the decode's share of it taken per run.
+    let bytes = bench::decode_bytes_per_token(&loaded.llm);
+    let (mut bws, mut fractions) = (Vec::new(), Vec::new());
+    let (o, p) = pair(&mut || {
+        let bw = bench::read_bandwidth(1 << 30, a.threads, 5);
+        let o = bench::decode(&mut s, 64, a.tg).unwrap();
+        bws.push(bw);
+        fractions.push(o * bytes as f64 / (bw * 1e9));
+        (o, peer_tg(&mut pctx, 64, a.tg, n_vocab))
+    });
     row(&format!("tg{} tok/s", a.tg), o, p);
-    let tg_ours = o;
 
     if let (Some(v), Some(mm)) = (&vmodel, &a.mmproj) {
         let size = v.hp.image_size;
         let mut enc = VisionEncoder::new(v, &backends).unwrap();
-        let mut pv = PeerVision::new(&a, mm, &peer_model, size);
+        let peer_mm = a.peer_mmproj.as_deref().unwrap_or(mm);
+        let mut pv = PeerVision::new(&a, peer_mm, &peer_model, size);
         let px = bench::test_pixels(size);
+        if peer_mm != mm {
+            println!("{}", embedding_difference(&mut enc, peer_mm, &backends, &px));
+        }
         let prompt = loaded.tok.encode(&asagi_prompt(QUESTION, 1), true).unwrap();
         let (o, p) = pair(&mut || {
             let t = Instant::now();
@@ -352,11 +396,12 @@ fn main() {
             row(&format!("peak RSS GB (image+q+{RSS_TOKENS} tok)"), o, p);
         }
     }
-    let bytes = bench::decode_bytes_per_token(&loaded.llm);
-    let bound = bw * 1e9 / bytes as f64;
+    let bw = median(bws);
     println!(
-        "memory read bandwidth {bw:.1} GB/s; decode reads {:.2} GB/token: bound {bound:.2} tok/s, ours reaches {:.0}%",
+        "memory read bandwidth {bw:.1} GB/s (median; measured before each decode run); decode reads {:.2} GB/token: \
+         bound {:.2} tok/s, ours reaches {:.0}% (median of the runs)",
         bytes as f64 / 1e9,
-        100.0 * tg_ours / bound
+        bw * 1e9 / bytes as f64,
+        100.0 * median(fractions)
     );
 }

@@ -25,7 +25,7 @@ pub struct VisionEncoder<'a> {
 
 impl<'a> VisionEncoder<'a> {
     pub fn new(model: &'a VisionModel<'a>, backends: &[&'a Backend]) -> Result<VisionEncoder<'a>> {
-        let max_nodes = 64 + 40 * model.hp.n_layer;
+        let max_nodes = 64 + 80 * model.hp.n_layer;
         Ok(VisionEncoder { model, sched: Scheduler::new(backends, max_nodes)?, max_nodes })
     }
 
