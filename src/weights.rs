@@ -1,10 +1,12 @@
 //! Where a model's weights live. By default every tensor is used in place from the memory-mapped file. Two
 //! things move some of them into buffers of their own, both as llama.cpp does:
+//!
 //! - `-ngl N`: the offloaded layers are uploaded to the GPU;
 //! - repacking (on by default, `--no-repack` turns it off): matrix weights the CPU's extra buffer types accept
 //!   (on x86: Q4_0, Q4_K, IQ4_NL with rows in multiples of 8) are rewritten once, at load, into the interleaved
 //!   layouts ggml's fastest CPU kernels read (`q4_K_8x8` etc.). Those kernels multiply 4 activation rows per
 //!   pass, which is what makes prompt prefill and a 5-beam decode step cheap.
+//!
 //! Either way the mapped pages of a moved tensor are handed back to the kernel (`GgufFile::upload`), so its
 //! memory is counted once.
 

@@ -16,7 +16,7 @@ use ggml::{Backend, Type};
 fn run(path: &Path, prompt: &[u32], cache: Type, n_greedy: usize) -> (Vec<f32>, usize, Vec<u32>) {
     let mut file = GgufFile::open(path).unwrap();
     file.map_weights().unwrap();
-    let model = LlamaModel::load(&file).unwrap();
+    let model = LlamaModel::load(file).unwrap();
     let backend = Backend::cpu(2).unwrap();
     let params = SessionParams { n_ctx: 256, n_ubatch: 32, cache_type: cache };
     let mut s = Session::new(&model, &[&backend], &params).unwrap();
@@ -143,16 +143,16 @@ fn uploaded_layers_give_the_same_logits() {
     let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::F16);
     let file = &files.llm;
     let backend = Backend::cpu(2).unwrap();
-    let names = asagi_gguf::llm::offloaded_tensors(&file, 99).unwrap();
+    let names = asagi_gguf::llm::offloaded_tensors(file, 99).unwrap();
     assert_eq!(names.len(), file.tensor_infos().len() - 1, "all but token_embd");
     let device = file.upload(&names, backend.buffer_type()).unwrap();
     let logits = |model: &LlamaModel| {
         let params = SessionParams { n_ctx: 128, n_ubatch: 128, cache_type: Type::F16 };
         Session::new(model, &[&backend], &params).unwrap().prefill(Input::Tokens(&c.prompt), 0, 0, true).unwrap()
     };
-    let mapped = logits(&LlamaModel::load(&file).unwrap());
-    let uploaded = logits(&LlamaModel::load_with(&file, std::slice::from_ref(&device)).unwrap());
+    let mapped = logits(&LlamaModel::load(file).unwrap());
+    let uploaded = logits(&LlamaModel::load_with(file, std::slice::from_ref(&device)).unwrap());
     assert_eq!(mapped, uploaded);
-    let half = asagi_gguf::llm::offloaded_tensors(&file, 1).unwrap();
+    let half = asagi_gguf::llm::offloaded_tensors(file, 1).unwrap();
     assert!(half.iter().all(|n| n.starts_with("blk.1.")) && half.len() == 9, "{half:?}");
 }

@@ -41,7 +41,7 @@ fn preprocess(dir: &std::path::Path, image_size: usize) -> Result<Preprocess> {
     let p = JsonFile::read(dir, "preprocessor_config.json")?;
     let mean = p.f32_array("image_mean")?;
     let std = p.f32_array("image_std")?;
-    if mean.len() != 3 || std.len() != 3 || std.iter().any(|&v| v == 0.0) {
+    if mean.len() != 3 || std.len() != 3 || std.contains(&0.0) {
         bail!("{}: image_mean and image_std need 3 values each (std non-zero)", p.path.display());
     }
     let size = p.usize_opt("size.height")?.or(p.usize_opt("size.shortest_edge")?).unwrap_or(image_size);

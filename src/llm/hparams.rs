@@ -31,7 +31,7 @@ impl HParams {
             bail!("{}: {n_head} heads / {n_head_kv} KV heads do not fit embedding_length {n_embd}", f.path().display());
         }
         let head_dim = n_embd / n_head;
-        if let Some(_) = f.get("llama.rope.dimension_count") {
+        if f.get("llama.rope.dimension_count").is_some() {
             let rot = u("rope.dimension_count")?;
             if rot != head_dim {
                 bail!("{}: llama.rope.dimension_count {rot} differs from the head size {head_dim}", f.path().display());
