@@ -16,7 +16,7 @@ use ggml::{Backend, Type};
 fn run(path: &Path, prompt: &[u32], cache: Type, n_greedy: usize) -> (Vec<f32>, usize, Vec<u32>) {
     let mut file = GgufFile::open(path).unwrap();
     file.map_weights().unwrap();
-    let model = LlamaModel::load(file).unwrap();
+    let model = LlamaModel::load(&file).unwrap();
     let backend = Backend::cpu(2).unwrap();
     let params = SessionParams { n_ctx: 256, n_ubatch: 32, cache_type: cache };
     let mut s = Session::new(&model, &[&backend], &params).unwrap();

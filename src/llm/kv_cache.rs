@@ -28,6 +28,8 @@ pub struct KvCache {
     n_layer: usize,
     cells: Vec<Cell>,
     ty: Type,
+    /// Cells `0..zeroed` hold zeros or written K/V data (see `prepare`).
+    zeroed: usize,
 }
 
 impl KvCache {
@@ -42,9 +44,24 @@ impl KvCache {
             ctx.new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_v_l{il}"));
         }
         ctx.alloc_tensors(backend)?;
-        // Masked cells still meet a zero attention weight: 0 x NaN from uninitialized memory would be NaN.
-        ctx.clear(0);
-        Ok(KvCache { ctx, n_layer: hp.n_layer, cells: vec![Cell::default(); n_cells], ty })
+        // Not zeroed here: `prepare` zeroes cells as graphs first reach them, so a large context costs memory only
+        // as far as it is used (untouched pages of the buffer are never made resident).
+        Ok(KvCache { ctx, n_layer: hp.n_layer, cells: vec![Cell::default(); n_cells], ty, zeroed: 0 })
+    }
+
+    /// Makes cells `0..n_kv` safe to attend to before a graph does: masked cells still meet a zero attention
+    /// weight, and 0 x NaN from uninitialized memory would be NaN. Each cell is zeroed once, the first time the
+    /// attended prefix reaches it.
+    pub fn prepare(&mut self, n_kv: usize) -> Result<()> {
+        if n_kv <= self.zeroed {
+            return Ok(());
+        }
+        for t in self.ctx.tensors() {
+            let row = t.nb()[1];
+            self.ctx.memset(t, 0, self.zeroed * row, (n_kv - self.zeroed) * row)?;
+        }
+        self.zeroed = n_kv;
+        Ok(())
     }
 
     pub fn n_cells(&self) -> usize {
@@ -196,6 +213,21 @@ mod tests {
         kv.seq_truncate(0, 2);
         assert_eq!((kv.seq_len(0), kv.seq_len(1)), (2, 4));
         assert_eq!(vis_of(&kv.mask(8, &[2], &[0]), 0), vec![0, 1]);
+    }
+
+    /// Cells are zeroed as the attended prefix first reaches them, and only those.
+    #[test]
+    fn prepare_zeroes_the_attended_prefix_once() {
+        let mut kv = cache(8);
+        kv.ctx.clear(0xff); // f16 0xffff is NaN: what uninitialized memory may hold
+        kv.prepare(3).unwrap();
+        kv.prepare(2).unwrap();
+        for t in kv.ctx.tensors() {
+            let bytes: Vec<u8> = kv.ctx.read(t).unwrap();
+            let row = t.nb()[1];
+            assert!(bytes[..3 * row].iter().all(|&b| b == 0), "{}: cells 0..3 zeroed", t.name());
+            assert!(bytes[3 * row..].iter().all(|&b| b == 0xff), "{}: cells 3.. untouched", t.name());
+        }
     }
 
     fn vis_of(m: &[half::f16], t: usize) -> Vec<usize> {

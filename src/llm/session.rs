@@ -113,6 +113,7 @@ impl<'a> Session<'a> {
         let n = batch.len();
         let hp = &self.model.hp;
         let n_kv = self.cache.n_kv();
+        self.cache.prepare(n_kv)?;
         let out_ids: Vec<i32> = (0..n as i32).filter(|&i| batch.logits[i as usize]).collect();
         if out_ids.is_empty() {
             bail!("a batch must ask for at least one row of logits");

@@ -110,6 +110,19 @@ impl Context {
         }
     }
 
+    /// Sets bytes `offset..offset + len` of tensor `t` (allocated in a buffer of this context) to `value`.
+    pub fn memset(&self, t: Tensor<'_>, value: u8, offset: usize, len: usize) -> Result<()> {
+        if !self.owns_data_of(t) {
+            return Err(Error::NotAllocated(t.name()));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > t.nbytes()) {
+            return Err(Error::Size { tensor: t.name(), expected: t.nbytes(), got: offset.saturating_add(len) });
+        }
+        // SAFETY: t is allocated in a live buffer owned by self and the range lies inside its data (checked).
+        unsafe { sys::ggml_backend_tensor_memset(t.as_ptr(), value, offset, len) };
+        Ok(())
+    }
+
     /// Keeps `buffer` alive as long as the context, because some of its tensors point into it.
     pub(crate) fn attach_buffer(&self, buffer: Buffer) {
         self.buffers.borrow_mut().push(buffer);
