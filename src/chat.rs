@@ -16,6 +16,16 @@ use crate::sampling::GenerationConfig;
 use crate::tokenizer::Tokenizer;
 use crate::vision::ImageEmbedding;
 
+/// The token ids of a user turn: the whole template with BOS for the first, the follow-up part (no BOS, no
+/// word-start marker) for later ones.
+pub fn turn_ids(tok: &Tokenizer, first: bool, question: &str, n_images: usize) -> Result<Vec<u32>> {
+    if first {
+        tok.encode(&asagi_prompt(question, n_images), true)
+    } else {
+        tok.encode_continuation(&format!("\n\n### 指示:\n{}{question}\n\n### 応答:\n", "<image>\n".repeat(n_images)))
+    }
+}
+
 /// What one turn did.
 pub struct Turn {
     pub answer: Generated,
@@ -62,14 +72,7 @@ impl<'s, 'm> Conversation<'s, 'm> {
     /// The token ids of the next turn's prompt: the whole template with BOS for the first turn, the follow-up
     /// part for later ones.
     pub fn turn_ids(&self, tok: &Tokenizer, question: &str, n_images: usize) -> Result<Vec<u32>> {
-        if self.history.is_empty() {
-            tok.encode(&asagi_prompt(question, n_images), true)
-        } else {
-            tok.encode_continuation(&format!(
-                "\n\n### 指示:\n{}{question}\n\n### 応答:\n",
-                "<image>\n".repeat(n_images)
-            ))
-        }
+        turn_ids(tok, self.history.is_empty(), question, n_images)
     }
 
     /// One turn: prefills `ids` (images spliced at the `<image>` tokens) after what the cache holds, generates

@@ -20,6 +20,7 @@ pub mod multimodal;
 pub mod preprocess;
 pub mod run_cmd;
 pub mod sampling;
+pub mod serve;
 pub mod synth;
 pub mod tokenize_cmd;
 pub mod tokenizer;

@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Speed and memory on a model: prefill, decode, image encode, time to first token, beam step, bandwidth bound.
     Bench(asagi_gguf::bench_cmd::BenchArgs),
+    /// HTTP server with an OpenAI-style chat completions API (images as data URLs).
+    Serve(asagi_gguf::serve::ServeArgs),
     /// Interactive multi-turn conversation, images attached with /image; the KV cache is kept between turns.
     Chat(asagi_gguf::chat_cmd::ChatArgs),
     /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
@@ -60,6 +62,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => asagi_gguf::run_cmd::run(args)?,
         Command::Chat(args) => asagi_gguf::chat_cmd::run(args)?,
         Command::Bench(args) => asagi_gguf::bench_cmd::run(args)?,
+        Command::Serve(args) => asagi_gguf::serve::run(args)?,
         Command::Demo(args) => asagi_gguf::demo_cmd::run(args)?,
         Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
         Command::Synth { size, out, seed, force } => {

@@ -76,6 +76,12 @@ pub fn preprocess_file(path: &Path, cfg: &PreprocessConfig) -> Result<Vec<f32>> 
     Ok(preprocess_image(&load_rgb(path)?, cfg))
 }
 
+/// As `preprocess_file`, for an encoded image held in memory; `name` names it in errors.
+pub fn preprocess_bytes(bytes: &[u8], name: &str, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
+    check_size(cfg).with_context(|| format!("{name}: cannot preprocess"))?;
+    Ok(preprocess_image(&load_rgb_from_memory(bytes, name)?, cfg))
+}
+
 /// A target size that fits a u32 and is not zero (an image side is a u32).
 fn check_size(cfg: &PreprocessConfig) -> Result<()> {
     anyhow::ensure!(cfg.size > 0 && u32::try_from(cfg.size).is_ok(), "invalid target size {}", cfg.size);

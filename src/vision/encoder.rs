@@ -35,6 +35,12 @@ impl<'a> VisionEncoder<'a> {
         Ok(self.encode_pixels(&px, 1)?.pop().expect("one image"))
     }
 
+    /// As `encode_file`, for an encoded image (PNG, JPEG...) held in memory; `name` names it in errors.
+    pub fn encode_bytes(&mut self, bytes: &[u8], name: &str) -> Result<ImageEmbedding> {
+        let px = preprocess::preprocess_bytes(bytes, name, &self.model.hp.preprocess)?;
+        Ok(self.encode_pixels(&px, 1)?.pop().expect("one image"))
+    }
+
     /// Encodes `n_img` preprocessed images (`[n_img, 3, S, S]` row-major) in one batch.
     pub fn encode_pixels(&mut self, pixels: &[f32], n_img: usize) -> Result<Vec<ImageEmbedding>> {
         let hp = &self.model.hp;
