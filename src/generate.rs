@@ -128,7 +128,9 @@ fn beams(
     loop {
         let step = search.step(&rows)?;
         if cfg.num_return_sequences == 1 {
-            for &t in &search.settled_prefix()[streamed..] {
+            // The settled prefix only grows (see `BeamSearch::settled_prefix`); `get` keeps that an invariant,
+            // not a possible panic.
+            for &t in search.settled_prefix().get(streamed..).unwrap_or(&[]) {
                 on_token(t)?;
                 streamed += 1;
             }
@@ -159,7 +161,7 @@ fn beams(
         .collect();
     if let Some(best) = out.first() {
         let from = if cfg.num_return_sequences == 1 { streamed } else { 0 };
-        for &t in &best.tokens[from..] {
+        for &t in best.tokens.get(from..).unwrap_or(&[]) {
             on_token(t)?;
         }
     }

@@ -310,7 +310,9 @@ fn complete_inner(
             .collect::<Result<Vec<_>>>()?,
         None => Vec::new(),
     };
-    let segs = multimodal::segments(&p.ids[keep..], tok.image, &embeddings)?;
+    // A literal "<image>" typed in a message makes one more image token than images sent.
+    let segs = multimodal::segments(&p.ids[keep..], tok.image, &embeddings)
+        .map_err(|e| anyhow::Error::new(BadRequest(format!("messages: {e:#}"))))?;
     let (logits, pos) = multimodal::prefill_at(&mut engine.session, &segs, 0, pos0, false)?;
     let prompt_ms = t.elapsed().as_secs_f64() * 1e3;
 
