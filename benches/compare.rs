@@ -296,7 +296,11 @@ fn main() {
         rss_job(&a, &side);
         return;
     }
+    // Load times (language model + vision file for us; the language model for llama.cpp, whose vision file is
+    // loaded later by mtmd), page cache warm for both after the first run.
+    let t = Instant::now();
     let loaded = Loaded::open(&model_args(&a), a.mmproj.is_some()).unwrap();
+    let load_ours = t.elapsed().as_secs_f64() * 1e3;
     let model = loaded.model().unwrap();
     let vmodel = loaded.vision(&model).unwrap();
     let backends = loaded.backends();
@@ -306,7 +310,9 @@ fn main() {
     let mut s = Session::new(&model, &backends, &params).unwrap();
 
     let backend_peer = LlamaBackend::init().unwrap();
+    let t = Instant::now();
     let peer_model = PeerModel::load_from_file(&backend_peer, &a.model, &LlamaModelParams::default()).unwrap();
+    let load_peer = t.elapsed().as_secs_f64() * 1e3;
     let mut pctx = peer_context(&backend_peer, &peer_model, &a, n_ctx, 5);
 
     println!(
@@ -334,6 +340,7 @@ fn main() {
         (median(o), median(p))
     };
 
+    row("load ms (once)", load_ours, load_peer);
     let (o, p) = pair(&mut || (bench::prefill_text(&mut s, a.pp).unwrap(), peer_pp(&mut pctx, a.pp, n_vocab)));
     row(&format!("pp{} tok/s", a.pp), o, p);
     // This VM's memory bandwidth drifts over minutes (30 to 60 GB/s measured), so it is measured next to each
