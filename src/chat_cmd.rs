@@ -101,8 +101,14 @@ pub fn run(args: ChatArgs) -> Result<()> {
 
         // The images of this turn, encoded now (once: their embeddings stay in the cache afterwards).
         let t_img = Instant::now();
-        let images: Vec<ImageEmbedding> = match encoder.as_mut() {
-            Some(enc) => match pending.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>() {
+        let spin = if pending.is_empty() { None } else { crate::progress::spinner("encoding images") };
+        let encoded =
+            encoder.as_mut().map(|enc| pending.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>());
+        if let Some(s) = spin {
+            s.finish_and_clear();
+        }
+        let images: Vec<ImageEmbedding> = match encoded {
+            Some(r) => match r {
                 Ok(v) => v,
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -115,6 +121,19 @@ pub fn run(args: ChatArgs) -> Result<()> {
         let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
         pending.clear();
         let ids = conv.turn_ids(tok, line, images.len())?;
+        let n_positions = ids.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
+        let bar = crate::progress::prompt_bar(n_positions);
+        if let Some(b) = bar {
+            // The session also reports the answer's decode steps: the bar stops at the prompt's end.
+            conv.session.set_progress(Some(Box::new(move |n| {
+                if !b.is_finished() {
+                    b.inc(n as u64);
+                    if b.position() >= n_positions as u64 {
+                        b.finish_and_clear();
+                    }
+                }
+            })));
+        }
         let stop = crate::interrupt::flag();
         let mut stream = tok.stream(true);
         let mut stdout = std::io::stdout().lock();
@@ -126,6 +145,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
             }
             Ok(())
         });
+        conv.session.set_progress(None);
         let turn = match result {
             Ok(t) => t,
             Err(e) => {

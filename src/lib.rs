@@ -18,6 +18,7 @@ pub mod llm;
 pub mod load;
 pub mod multimodal;
 pub mod preprocess;
+pub mod progress;
 pub mod run_cmd;
 pub mod sampling;
 pub mod serve;

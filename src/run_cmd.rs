@@ -151,7 +151,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         None => Vec::new(),
         Some(v) => {
             let mut enc = VisionEncoder::new(v, &backends)?;
-            args.images.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>()?
+            let spin = crate::progress::spinner("encoding images");
+            let images = args.images.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>()?;
+            if let Some(s) = spin {
+                s.finish_and_clear();
+            }
+            images
         }
     };
     let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
@@ -163,7 +168,15 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 
     let t_prompt = Instant::now();
+    let bar = crate::progress::prompt_bar(n_positions);
+    if let Some(b) = bar.clone() {
+        session.set_progress(Some(Box::new(move |n| b.inc(n as u64))));
+    }
     let (logits, pos) = multimodal::prefill(&mut session, &segs, 0, false)?;
+    session.set_progress(None);
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
     let prompt_ms = t_prompt.elapsed().as_secs_f64() * 1e3;
     if let Some(p) = &args.dump_logits {
         write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;

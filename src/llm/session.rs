@@ -64,6 +64,8 @@ pub struct Session<'a> {
     sched: Scheduler<'a>,
     n_ubatch: usize,
     max_nodes: usize,
+    /// Called with the row count of every batch computed (a progress bar over a long prompt).
+    progress: Option<Box<dyn FnMut(usize) + 'a>>,
 }
 
 impl<'a> Session<'a> {
@@ -74,11 +76,16 @@ impl<'a> Session<'a> {
         let cache = KvCache::new(&model.hp, p.n_ctx, p.cache_type, first)?;
         let max_nodes = 64 + 48 * model.hp.n_layer;
         let sched = Scheduler::new(backends, max_nodes)?;
-        Ok(Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes })
+        Ok(Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes, progress: None })
     }
 
     pub fn n_ubatch(&self) -> usize {
         self.n_ubatch
+    }
+
+    /// Sets (or, with `None`, removes) a function called with the row count of every batch computed.
+    pub fn set_progress(&mut self, f: Option<Box<dyn FnMut(usize) + 'a>>) {
+        self.progress = f;
     }
 
     /// Computes one batch (at most `n_ubatch` rows); returns the logits of the rows with `logits[i]`, in order,
@@ -103,8 +110,10 @@ impl<'a> Session<'a> {
         }
         let cells = self.cache.claim(&batch.pos, &batch.seq)?;
         let result = self.compute(batch, &cells);
-        if result.is_err() {
-            self.cache.release(&cells);
+        match (&result, &mut self.progress) {
+            (Err(_), _) => self.cache.release(&cells),
+            (Ok(_), Some(f)) => f(n),
+            (Ok(_), None) => {}
         }
         result
     }
