@@ -215,3 +215,55 @@ fn image(url: &str, at: &str, allow_paths: bool) -> Result<Image, BadRequest> {
     let bytes = std::fs::read(&path).or_else(|e| bad(format!("{at}: {}: {e}", path.display())))?;
     Ok(Image { bytes, name: path.display().to_string() })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> DecodingArgs {
+        crate::run_cmd::default_decoding()
+    }
+
+    fn parse_json(v: serde_json::Value) -> Result<ChatRequest, BadRequest> {
+        parse(v.to_string().as_bytes(), &defaults(), 256, false)
+    }
+
+    /// Unset fields keep the server's (the model card's) decoding; set ones override it.
+    #[test]
+    fn fields_map_onto_decoding() {
+        let r = parse_json(serde_json::json!({"messages": [{"role": "user", "content": "q"}]})).unwrap();
+        assert_eq!((r.decoding.num_beams, r.decoding.temp, r.max_tokens, r.n, r.stream), (5, 0.7, 256, 1, false));
+        let r = parse_json(serde_json::json!({
+            "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+            "temperature": 0, "num_beams": 3, "n": 2, "max_tokens": 9, "seed": 4, "top_k": 0, "repetition_penalty": 1.2,
+            "stop": []
+        }))
+        .unwrap();
+        let cfg = r.decoding.config(r.max_tokens, &[2]);
+        assert!(!cfg.do_sample && cfg.num_beams == 3 && cfg.seed == Some(4) && cfg.top_k == Some(0));
+        assert_eq!((r.n, r.max_tokens, cfg.repetition_penalty), (2, 9, 1.2));
+        assert!(matches!(&r.messages[..], [Message::User { text, images }] if text == "a\nb" && images.is_empty()));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let user = serde_json::json!([{"role": "user", "content": "q"}]);
+        for (extra, field) in [
+            (serde_json::json!({"n": 2, "num_beams": 1}), "n:"),
+            (serde_json::json!({"n": 1, "stream": true, "num_beams": 5, "max_tokens": 0}), "max_tokens"),
+            (serde_json::json!({"stop": ["\n"]}), "stop"),
+            (serde_json::json!({"stream": "yes"}), "stream"),
+        ] {
+            let mut v = extra.clone();
+            v["messages"] = user.clone();
+            let e = parse_json(v).err().unwrap_or_else(|| panic!("{extra} accepted"));
+            assert!(e.0.starts_with(field), "{extra}: {e}");
+        }
+        let e = parse(b"{", &defaults(), 1, false).err().unwrap();
+        assert!(e.0.contains("not JSON"), "{e}");
+        let e = parse_json(
+            serde_json::json!({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}),
+        );
+        assert!(e.err().unwrap().0.contains("last"));
+    }
+}
