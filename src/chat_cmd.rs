@@ -9,9 +9,11 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::chat::Conversation;
+use crate::chat::{Conversation, Turn};
 use crate::load::{Loaded, ModelArgs};
 use crate::run_cmd::DecodingArgs;
+use crate::sampling::GenerationConfig;
+use crate::tokenizer::Tokenizer;
 use crate::vision::{ImageEmbedding, VisionEncoder};
 
 const HELP: &str = "Type a question and press Enter. Commands:
@@ -51,13 +53,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
         eprintln!("{line}");
     }
     eprintln!("loaded in {:.0} ms. {HELP}", t_load.elapsed().as_secs_f64() * 1e3);
+    let cfg = crate::run_cmd::with_seed(args.decoding.config(args.n_predict, &tok.eog));
 
-    let mut cfg = args.decoding.config(args.n_predict, &tok.eog);
-    if cfg.do_sample && cfg.seed.is_none() {
-        let seed = crate::sampling::SamplingRng::clock_seed();
-        eprintln!("sampling seed = {seed} (--seed {seed} repeats this conversation)");
-        cfg.seed = Some(seed);
-    }
     let interactive = std::io::stdin().is_terminal();
     let mut pending: Vec<PathBuf> = args.images.clone();
     let mut lines = std::io::stdin().lock().lines();
@@ -73,119 +70,153 @@ pub fn run(args: ChatArgs) -> Result<()> {
             continue;
         }
         if let Some(cmd) = line.strip_prefix('/') {
-            let (name, rest) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
-            match name {
-                "quit" | "exit" => break,
-                "help" => eprintln!("{HELP}"),
-                "reset" => {
-                    conv.reset();
-                    pending.clear();
-                    eprintln!("(conversation cleared)");
-                }
-                "image" if encoder.is_none() => eprintln!("error: images need --mmproj"),
-                "image" if rest.trim().is_empty() => eprintln!("error: /image PATH"),
-                "image" => {
-                    let p = PathBuf::from(rest.trim());
-                    match p.metadata() {
-                        Ok(_) => {
-                            eprintln!("(image {} goes with the next question)", p.display());
-                            pending.push(p);
-                        }
-                        Err(e) => eprintln!("error: {}: {e}", p.display()),
-                    }
-                }
-                other => eprintln!("error: unknown command /{other} (/help lists them)"),
+            match command(cmd, &mut conv, &mut pending, encoder.is_some()) {
+                Flow::Quit => break,
+                Flow::Next => continue,
             }
-            continue;
         }
-
         // The images of this turn, encoded now (once: their embeddings stay in the cache afterwards).
         let t_img = Instant::now();
-        let spin = if pending.is_empty() { None } else { crate::progress::spinner("encoding images") };
-        let encoded =
-            encoder.as_mut().map(|enc| pending.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>());
-        if let Some(s) = spin {
-            s.finish_and_clear();
-        }
-        let images: Vec<ImageEmbedding> = match encoded {
-            Some(r) => match r {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    pending.clear();
-                    continue;
-                }
-            },
-            None => Vec::new(),
-        };
-        let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
-        pending.clear();
-        let ids = conv.turn_ids(tok, line, images.len())?;
-        let n_positions = ids.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
-        let bar = crate::progress::prompt_bar(n_positions);
-        if let Some(b) = bar {
-            // The session also reports the answer's decode steps: the bar stops at the prompt's end.
-            conv.session.set_progress(Some(Box::new(move |n| {
-                if !b.is_finished() {
-                    b.inc(n as u64);
-                    if b.position() >= n_positions as u64 {
-                        b.finish_and_clear();
-                    }
-                }
-            })));
-        }
-        let stop = crate::interrupt::flag();
-        let mut stream = tok.stream(true);
-        let mut stdout = std::io::stdout().lock();
-        let json = args.json;
-        let result = conv.ask(&ids, tok.image, &images, &cfg, stop, |id| {
-            if !json {
-                stdout.write_all(stream.push(id)?.as_bytes())?;
-                stdout.flush()?;
-            }
-            Ok(())
-        });
-        conv.session.set_progress(None);
-        let turn = match result {
-            Ok(t) => t,
+        let images = match encode(encoder.as_mut(), &std::mem::take(&mut pending)) {
+            Ok(v) => v,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 continue;
             }
         };
-        turn_no += 1;
-        let a = &turn.answer;
-        let stop_reason = match (&a.eos, a.interrupted) {
-            (Some(_), _) => "eos",
-            (None, true) => "interrupted",
-            (None, false) => "length",
-        };
-        // Time to the first token: image encoding + the turn's prefill + one decode step's share.
-        let step_ms = turn.gen_ms / a.tokens.len().max(1) as f64;
-        let ttft_ms = image_ms + turn.prompt_ms + step_ms;
-        if json {
-            let out = json!({
-                "turn": turn_no, "n_past": turn.n_past, "prompt_tokens": ids, "prompt_positions": turn.prompt_positions,
-                "tokens": a.tokens, "text": tok.decode(&a.tokens, true)?, "stop_reason": stop_reason,
-                "timings": {"image_encode_ms": image_ms, "prompt_ms": turn.prompt_ms, "gen_ms": turn.gen_ms,
-                    "ttft_ms": ttft_ms}
-            });
-            writeln!(stdout, "{out}")?;
-        } else {
-            writeln!(stdout)?;
+        let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
+        match answer(&mut conv, tok, line, &images, &cfg, args.json) {
+            Ok((ids, turn)) => {
+                turn_no += 1;
+                report(tok, turn_no, &ids, &turn, image_ms, images.len(), args.json)?;
+            }
+            Err(e) => eprintln!("error: {e:#}"),
         }
-        drop(stdout);
-        eprintln!(
-            "[{} new positions after {} kept, prompt {:.0} ms{}, {} tokens at {:.2} tok/s, first token after ~{:.0} ms{}]",
-            turn.prompt_positions,
-            turn.n_past,
-            turn.prompt_ms,
-            if images.is_empty() { String::new() } else { format!(", {} image(s) {image_ms:.0} ms", images.len()) },
-            a.tokens.len(),
-            a.tokens.len() as f64 / (turn.gen_ms / 1e3).max(1e-9),
-            ttft_ms,
-            if a.interrupted { ", interrupted" } else { "" }
-        );
     }
+    Ok(())
+}
+
+enum Flow {
+    Next,
+    Quit,
+}
+
+/// A `/command` line (without its slash).
+fn command(cmd: &str, conv: &mut Conversation<'_, '_>, pending: &mut Vec<PathBuf>, has_vision: bool) -> Flow {
+    let (name, rest) = cmd.split_once(char::is_whitespace).unwrap_or((cmd, ""));
+    match name {
+        "quit" | "exit" => return Flow::Quit,
+        "help" => eprintln!("{HELP}"),
+        "reset" => {
+            conv.reset();
+            pending.clear();
+            eprintln!("(conversation cleared)");
+        }
+        "image" if !has_vision => eprintln!("error: images need --mmproj"),
+        "image" if rest.trim().is_empty() => eprintln!("error: /image PATH"),
+        "image" => {
+            let p = PathBuf::from(rest.trim());
+            match p.metadata() {
+                Ok(_) => {
+                    eprintln!("(image {} goes with the next question)", p.display());
+                    pending.push(p);
+                }
+                Err(e) => eprintln!("error: {}: {e}", p.display()),
+            }
+        }
+        other => eprintln!("error: unknown command /{other} (/help lists them)"),
+    }
+    Flow::Next
+}
+
+/// Encodes the attached images (a spinner meanwhile).
+fn encode(encoder: Option<&mut VisionEncoder<'_>>, paths: &[PathBuf]) -> Result<Vec<ImageEmbedding>> {
+    let Some(enc) = encoder else { return Ok(Vec::new()) };
+    let spin = if paths.is_empty() { None } else { crate::progress::spinner("encoding images") };
+    let images = paths.iter().map(|p| enc.encode_file(p)).collect();
+    if let Some(s) = spin {
+        s.finish_and_clear();
+    }
+    images
+}
+
+/// One question: its prompt prefilled on the kept cache (a progress bar for long ones), the answer streamed to
+/// stdout unless `json`. Returns the turn's prompt ids and what the turn did.
+fn answer(
+    conv: &mut Conversation<'_, '_>,
+    tok: &Tokenizer,
+    question: &str,
+    images: &[ImageEmbedding],
+    cfg: &GenerationConfig,
+    json: bool,
+) -> Result<(Vec<u32>, Turn)> {
+    let ids = conv.turn_ids(tok, question, images.len())?;
+    let n_positions = ids.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
+    if let Some(b) = crate::progress::prompt_bar(n_positions) {
+        // The session also reports the answer's decode steps: the bar stops at the prompt's end.
+        conv.session.set_progress(Some(Box::new(move |n| {
+            if !b.is_finished() {
+                b.inc(n as u64);
+                if b.position() >= n_positions as u64 {
+                    b.finish_and_clear();
+                }
+            }
+        })));
+    }
+    let mut stream = tok.stream(true);
+    let mut stdout = std::io::stdout().lock();
+    let turn = conv.ask(&ids, tok.image, images, cfg, crate::interrupt::flag(), |id| {
+        if !json {
+            stdout.write_all(stream.push(id)?.as_bytes())?;
+            stdout.flush()?;
+        }
+        Ok(())
+    });
+    conv.session.set_progress(None);
+    Ok((ids, turn?))
+}
+
+/// The answer's end: a JSON object (with `--json`) or a newline on stdout, and a timing line on stderr.
+fn report(
+    tok: &Tokenizer,
+    turn_no: usize,
+    ids: &[u32],
+    turn: &Turn,
+    image_ms: f64,
+    n_images: usize,
+    json: bool,
+) -> Result<()> {
+    let a = &turn.answer;
+    let stop_reason = match (&a.eos, a.interrupted) {
+        (Some(_), _) => "eos",
+        (None, true) => "interrupted",
+        (None, false) => "length",
+    };
+    // Time to the first token: image encoding + the turn's prefill + one decode step's share.
+    let step_ms = turn.gen_ms / a.tokens.len().max(1) as f64;
+    let ttft_ms = image_ms + turn.prompt_ms + step_ms;
+    let mut stdout = std::io::stdout().lock();
+    if json {
+        let out = json!({
+            "turn": turn_no, "n_past": turn.n_past, "prompt_tokens": ids, "prompt_positions": turn.prompt_positions,
+            "tokens": a.tokens, "text": tok.decode(&a.tokens, true)?, "stop_reason": stop_reason,
+            "timings": {"image_encode_ms": image_ms, "prompt_ms": turn.prompt_ms, "gen_ms": turn.gen_ms,
+                "ttft_ms": ttft_ms}
+        });
+        writeln!(stdout, "{out}")?;
+    } else {
+        writeln!(stdout)?;
+    }
+    eprintln!(
+        "[{} new positions after {} kept, prompt {:.0} ms{}, {} tokens at {:.2} tok/s, first token after ~{:.0} ms{}]",
+        turn.prompt_positions,
+        turn.n_past,
+        turn.prompt_ms,
+        if n_images == 0 { String::new() } else { format!(", {n_images} image(s) {image_ms:.0} ms") },
+        a.tokens.len(),
+        a.tokens.len() as f64 / (turn.gen_ms / 1e3).max(1e-9),
+        ttft_ms,
+        if a.interrupted { ", interrupted" } else { "" }
+    );
     Ok(())
 }

@@ -182,12 +182,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;
     }
 
-    let mut cfg = args.decoding.config(args.n_predict, &tok.eog);
-    if cfg.do_sample && cfg.seed.is_none() {
-        let seed = crate::sampling::SamplingRng::clock_seed();
-        eprintln!("sampling seed    = {seed} (--seed {seed} repeats this run)");
-        cfg.seed = Some(seed);
-    }
+    let cfg = with_seed(args.decoding.config(args.n_predict, &tok.eog));
     // Ctrl-C ends the generation (what was generated is printed), a second one the program.
     let stop = crate::interrupt::flag();
     let t_gen = Instant::now();
@@ -242,6 +237,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         if best.interrupted { ", interrupted" } else { "" }
     );
     Ok(())
+}
+
+/// A sampling config without a seed gets one from the clock, printed so that the run can be repeated.
+pub fn with_seed(mut cfg: GenerationConfig) -> GenerationConfig {
+    if cfg.do_sample && cfg.seed.is_none() {
+        let seed = crate::sampling::SamplingRng::clock_seed();
+        eprintln!("sampling seed = {seed} (--seed {seed} repeats it)");
+        cfg.seed = Some(seed);
+    }
+    cfg
 }
 
 /// A float32 `.npy` file of shape `[n]`.
