@@ -99,6 +99,7 @@ fn chat_completions_match_run_reuse_the_cache_and_stream() {
     let server = start(&llm, &mmproj);
     let port = server.1;
     assert_eq!(http(port, "GET", "/health", "").0, 200);
+    assert_eq!(http(port, "OPTIONS", "/v1/chat/completions", "").0, 204, "CORS preflight");
     let (status, models) = http(port, "GET", "/v1/models", "");
     assert!(status == 200 && models.contains("\"object\":\"list\""), "{models}");
 

@@ -92,10 +92,27 @@ pub fn run(a: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+fn header(name: &str, value: &str) -> Header {
+    Header::from_bytes(name, value).expect("static header")
+}
+
+/// Browser front ends call the API from another origin: every answer allows it (as llama.cpp's server does).
+fn cors() -> Vec<Header> {
+    vec![
+        header("Access-Control-Allow-Origin", "*"),
+        header("Access-Control-Allow-Headers", "Content-Type, Authorization"),
+        header("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+    ]
+}
+
 fn json_response(status: u16, v: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
-    Response::from_data(v.to_string().into_bytes())
+    let mut r = Response::from_data(v.to_string().into_bytes())
         .with_status_code(status)
-        .with_header(Header::from_bytes("Content-Type", "application/json").expect("static header"))
+        .with_header(header("Content-Type", "application/json"));
+    for h in cors() {
+        r.add_header(h);
+    }
+    r
 }
 
 fn error_body(kind: &str, msg: &str) -> Value {
@@ -106,6 +123,15 @@ fn error_body(kind: &str, msg: &str) -> Value {
 fn handle(engine: &mut Engine<'_>, a: &ServeArgs, mut req: tiny_http::Request) -> u16 {
     let path = req.url().split('?').next().unwrap_or("").to_string();
     let (status, body) = match (req.method(), path.as_str()) {
+        (Method::Options, _) => {
+            // A CORS preflight.
+            let mut r = Response::empty(204);
+            for h in cors() {
+                r.add_header(h);
+            }
+            let _ = req.respond(r);
+            return 204;
+        }
         (Method::Get, "/health") => (200, json!({"status": "ok"})),
         (Method::Get, "/v1/models") => {
             (200, json!({"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "asagi-gguf"}]}))
@@ -179,10 +205,8 @@ fn completion_body(engine: &Engine<'_>, ans: &Answer) -> Value {
 /// The response is written by another thread from a channel; if the client goes away, generation stops.
 fn stream(engine: &mut Engine<'_>, r: ChatRequest, req: tiny_http::Request) -> u16 {
     let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let headers = vec![
-        Header::from_bytes("Content-Type", "text/event-stream").expect("static header"),
-        Header::from_bytes("Cache-Control", "no-cache").expect("static header"),
-    ];
+    let mut headers = vec![header("Content-Type", "text/event-stream"), header("Cache-Control", "no-cache")];
+    headers.extend(cors());
     let writer = std::thread::spawn(move || {
         let _ =
             req.respond(Response::new(200.into(), headers, ChannelReader { rx, buf: Vec::new(), pos: 0 }, None, None));
