@@ -343,16 +343,12 @@ fn main() {
     row("load ms (once)", load_ours, load_peer);
     let (o, p) = pair(&mut || (bench::prefill_text(&mut s, a.pp).unwrap(), peer_pp(&mut pctx, a.pp, n_vocab)));
     row(&format!("pp{} tok/s", a.pp), o, p);
-    // This VM's memory bandwidth drifts over minutes (30 to 60 GB/s measured), so it is measured next to each
-    // decode run and the decode's share of it taken per run.
     let bytes = bench::decode_bytes_per_token(&loaded.llm);
-    let (mut bws, mut fractions) = (Vec::new(), Vec::new());
+    let mut bounded = Vec::new();
     let (o, p) = pair(&mut || {
-        let bw = bench::read_bandwidth(1 << 30, a.threads, 5);
-        let o = bench::decode(&mut s, 64, a.tg).unwrap();
-        bws.push(bw);
-        fractions.push(o * bytes as f64 / (bw * 1e9));
-        (o, peer_tg(&mut pctx, 64, a.tg, n_vocab))
+        let run = bench::decode_against_bandwidth(&mut s, 64, a.tg, a.threads, bytes).unwrap();
+        bounded.push(run);
+        (run.tok_s, peer_tg(&mut pctx, 64, a.tg, n_vocab))
     });
     row(&format!("tg{} tok/s", a.tg), o, p);
 
@@ -403,12 +399,12 @@ fn main() {
             row(&format!("peak RSS GB (image+q+{RSS_TOKENS} tok)"), o, p);
         }
     }
-    let bw = median(bws);
+    let bw = median(bounded.iter().map(|r| r.bandwidth).collect());
     println!(
         "memory read bandwidth {bw:.1} GB/s (median; measured before each decode run); decode reads {:.2} GB/token: \
          bound {:.2} tok/s, ours reaches {:.0}% (median of the runs)",
         bytes as f64 / 1e9,
         bw * 1e9 / bytes as f64,
-        100.0 * median(fractions)
+        100.0 * median(bounded.iter().map(|r| r.fraction).collect())
     );
 }

@@ -55,6 +55,31 @@ pub fn decode(s: &mut Session<'_>, ctx: usize, n: usize) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
+/// A decode run next to the memory bandwidth measured just before it: this VM's bandwidth drifts over minutes
+/// (30 to 66 GB/s), so the decode's share of the bandwidth bound is only meaningful per run.
+#[derive(Clone, Copy, Debug)]
+pub struct BoundedDecode {
+    pub tok_s: f64,
+    /// GB/s read by `threads` threads.
+    pub bandwidth: f64,
+    /// Decode's read rate (`bytes_per_token` x tokens/s) over the bandwidth.
+    pub fraction: f64,
+}
+
+/// `decode(s, ctx, n)` right after `read_bandwidth` (whose 1 GiB buffer is then left out of the peak RSS).
+pub fn decode_against_bandwidth(
+    s: &mut Session<'_>,
+    ctx: usize,
+    n: usize,
+    threads: usize,
+    bytes_per_token: usize,
+) -> Result<BoundedDecode> {
+    let bandwidth = read_bandwidth(1 << 30, threads, 5);
+    reset_peak_rss();
+    let tok_s = decode(s, ctx, n)?;
+    Ok(BoundedDecode { tok_s, bandwidth, fraction: tok_s * bytes_per_token as f64 / (bandwidth * 1e9) })
+}
+
 /// The cost of beam search against greedy decoding after a `ctx`-token prompt, `n` steps each (milliseconds
 /// per step).
 #[derive(Clone, Copy, Debug)]

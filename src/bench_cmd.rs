@@ -70,20 +70,13 @@ pub fn run(a: BenchArgs) -> Result<()> {
         row(&format!("pp{} (text prefill)", a.pp), format!("{pp:.2} tok/s"));
     }
     if want("tg") {
-        // This VM's memory bandwidth drifts over minutes, so it is measured next to each decode run. Its 1 GiB
-        // buffer would be the peak RSS of a small model: the peak is reset after each measurement.
         let bytes = bench::decode_bytes_per_token(&loaded.llm);
-        let (mut bws, mut fractions) = (Vec::new(), Vec::new());
-        let tg = reps(&mut || {
-            let bw = bench::read_bandwidth(1 << 30, threads, 5);
-            bench::reset_peak_rss();
-            let tg = bench::decode(&mut s, 64, a.tg)?;
-            bws.push(bw);
-            fractions.push(tg * bytes as f64 / (bw * 1e9));
-            Ok(tg)
-        })?;
-        row(&format!("tg{} (decode)", a.tg), format!("{tg:.2} tok/s"));
-        let bw = median(bws);
+        let runs: Vec<bench::BoundedDecode> = (0..a.reps.max(1))
+            .map(|_| bench::decode_against_bandwidth(&mut s, 64, a.tg, threads, bytes))
+            .collect::<Result<_>>()?;
+        let med = |f: fn(&bench::BoundedDecode) -> f64| median(runs.iter().map(f).collect());
+        row(&format!("tg{} (decode)", a.tg), format!("{:.2} tok/s", med(|r| r.tok_s)));
+        let bw = med(|r| r.bandwidth);
         row("memory read bandwidth", format!("{bw:.1} GB/s ({threads} threads, 1 GiB, next to each decode run)"));
         row(
             "decode bound",
@@ -91,7 +84,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 "{:.2} tok/s ({:.2} GB read per token); decode reaches {:.0}%",
                 bw * 1e9 / bytes as f64,
                 bytes as f64 / 1e9,
-                100.0 * median(fractions)
+                100.0 * med(|r| r.fraction)
             ),
         );
     }

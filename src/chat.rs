@@ -76,9 +76,26 @@ impl<'s, 'm> Conversation<'s, 'm> {
     }
 
     /// One turn: prefills `ids` (images spliced at the `<image>` tokens) after what the cache holds, generates
-    /// the answer and leaves the cache holding the conversation up to the answer's last token.
-    #[allow(clippy::too_many_arguments)]
+    /// the answer and leaves the cache holding the conversation up to the answer's last token. On error the
+    /// conversation is left as it was before the turn.
     pub fn ask(
+        &mut self,
+        ids: &[u32],
+        image_token: Option<u32>,
+        images: &[ImageEmbedding],
+        cfg: &GenerationConfig,
+        stop: &AtomicBool,
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Turn> {
+        let result = self.turn(ids, image_token, images, cfg, stop, on_token);
+        if result.is_err() {
+            self.session.cache.reorder(&[0]);
+            self.session.cache.seq_truncate(0, self.pos);
+        }
+        result
+    }
+
+    fn turn(
         &mut self,
         ids: &[u32],
         image_token: Option<u32>,
@@ -100,27 +117,13 @@ impl<'s, 'm> Conversation<'s, 'm> {
         }
         let n_past = self.n_past();
         let t = std::time::Instant::now();
-        let (logits, pos) = match multimodal::prefill_at(self.session, &segs, 0, self.pos, false) {
-            Ok(r) => r,
-            Err(e) => {
-                // Leave the conversation as it was before the turn.
-                self.session.cache.seq_truncate(0, self.pos);
-                return Err(e);
-            }
-        };
+        let (logits, pos) = multimodal::prefill_at(self.session, &segs, 0, self.pos, false)?;
         let prompt_ms = t.elapsed().as_secs_f64() * 1e3;
         let mut history = self.history.clone();
         history.extend_from_slice(ids);
         // The length limit counts new tokens only (HF's max_new_tokens), whatever the conversation's length.
         let t = std::time::Instant::now();
-        let answer = match generate::generate(self.session, cfg, &history, logits, pos, stop, on_token) {
-            Ok(mut seqs) => seqs.remove(0),
-            Err(e) => {
-                self.session.cache.reorder(&[0]);
-                self.session.cache.seq_truncate(0, self.pos);
-                return Err(e);
-            }
-        };
+        let answer = generate::generate(self.session, cfg, &history, logits, pos, stop, on_token)?.remove(0);
         let gen_ms = t.elapsed().as_secs_f64() * 1e3;
         if cfg.num_beams > 1 {
             generate::keep_sequence(self.session, pos, &answer.tokens)?;

@@ -152,17 +152,7 @@ fn answer(
 ) -> Result<(Vec<u32>, Turn)> {
     let ids = conv.turn_ids(tok, question, images.len())?;
     let n_positions = ids.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
-    if let Some(b) = crate::progress::prompt_bar(n_positions) {
-        // The session also reports the answer's decode steps: the bar stops at the prompt's end.
-        conv.session.set_progress(Some(Box::new(move |n| {
-            if !b.is_finished() {
-                b.inc(n as u64);
-                if b.position() >= n_positions as u64 {
-                    b.finish_and_clear();
-                }
-            }
-        })));
-    }
+    conv.session.set_progress(crate::progress::prompt_progress(n_positions));
     let mut stream = tok.stream(true);
     let mut stdout = std::io::stdout().lock();
     let turn = conv.ask(&ids, tok.image, images, cfg, crate::interrupt::flag(), |id| {
@@ -187,11 +177,6 @@ fn report(
     json: bool,
 ) -> Result<()> {
     let a = &turn.answer;
-    let stop_reason = match (&a.eos, a.interrupted) {
-        (Some(_), _) => "eos",
-        (None, true) => "interrupted",
-        (None, false) => "length",
-    };
     // Time to the first token: image encoding + the turn's prefill + one decode step's share.
     let step_ms = turn.gen_ms / a.tokens.len().max(1) as f64;
     let ttft_ms = image_ms + turn.prompt_ms + step_ms;
@@ -199,7 +184,7 @@ fn report(
     if json {
         let out = json!({
             "turn": turn_no, "n_past": turn.n_past, "prompt_tokens": ids, "prompt_positions": turn.prompt_positions,
-            "tokens": a.tokens, "text": tok.decode(&a.tokens, true)?, "stop_reason": stop_reason,
+            "tokens": a.tokens, "text": tok.decode(&a.tokens, true)?, "stop_reason": a.stop_reason(),
             "timings": {"image_encode_ms": image_ms, "prompt_ms": turn.prompt_ms, "gen_ms": turn.gen_ms,
                 "ttft_ms": ttft_ms}
         });

@@ -25,6 +25,17 @@ pub struct Generated {
     pub interrupted: bool,
 }
 
+impl Generated {
+    /// Why it ended: `eos`, `interrupted` or `length` (the `--json` spelling).
+    pub fn stop_reason(&self) -> &'static str {
+        match (self.eos, self.interrupted) {
+            (Some(_), _) => "eos",
+            (None, true) => "interrupted",
+            (None, false) => "length",
+        }
+    }
+}
+
 /// Greedy decoding of sequence 0 after a prefill whose last-row logits are `logits`, from position `pos`:
 /// `n` tokens at most, stopping after an id of `eog` (included in the result). `on_token` sees each id.
 pub fn greedy(

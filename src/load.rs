@@ -144,10 +144,9 @@ impl Loaded {
 
     /// What was repacked, one line per file (for the load log).
     pub fn placement_summary(&self) -> Vec<String> {
-        let mm = self.mmproj.iter().map(|(f, p)| (f, p));
         [(&self.llm, &self.llm_placed)]
             .into_iter()
-            .chain(mm)
+            .chain(self.mmproj.iter().map(|(f, p)| (f, p)))
             .filter_map(|(f, p)| p.summary().map(|s| format!("{}: {s}", f.path().display())))
             .collect()
     }

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// A bar over `total` prompt positions, if stderr is a terminal and the prompt is long enough to wait for.
-pub fn prompt_bar(total: usize) -> Option<ProgressBar> {
+/// A bar over `total` prompt positions, if stderr is a terminal and the prompt is long enough to wait for, as
+/// the function a `Session` calls with each batch's row count (`Session::set_progress`). The session also reports
+/// the answer's decode steps: the bar clears itself at the prompt's end and ignores what follows.
+pub fn prompt_progress(total: usize) -> Option<Box<dyn FnMut(usize)>> {
     if total < 128 || !std::io::stderr().is_terminal() {
         return None;
     }
@@ -15,7 +17,14 @@ pub fn prompt_bar(total: usize) -> Option<ProgressBar> {
     bar.set_style(
         ProgressStyle::with_template("prompt {bar:30} {pos}/{len} positions, ETA {eta}").expect("valid template"),
     );
-    Some(bar)
+    Some(Box::new(move |n| {
+        if !bar.is_finished() {
+            bar.inc(n as u64);
+            if bar.position() >= total as u64 {
+                bar.finish_and_clear();
+            }
+        }
+    }))
 }
 
 /// A spinner with `msg`, if stderr is a terminal.

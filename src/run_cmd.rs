@@ -168,15 +168,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 
     let t_prompt = Instant::now();
-    let bar = crate::progress::prompt_bar(n_positions);
-    if let Some(b) = bar.clone() {
-        session.set_progress(Some(Box::new(move |n| b.inc(n as u64))));
-    }
+    session.set_progress(crate::progress::prompt_progress(n_positions));
     let (logits, pos) = multimodal::prefill(&mut session, &segs, 0, false)?;
     session.set_progress(None);
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
     let prompt_ms = t_prompt.elapsed().as_secs_f64() * 1e3;
     if let Some(p) = &args.dump_logits {
         write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;
@@ -199,17 +193,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     .next()
     .expect("at least one sequence");
     let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
-    let stop_reason = match (&best.eos, best.interrupted) {
-        (Some(_), _) => "eos",
-        (None, true) => "interrupted",
-        (None, false) => "length",
-    };
     let generated = best.tokens.clone();
     let n_decoded = generated.len().max(1);
     if args.json {
         let out = json!({
             "prompt_tokens": prompt, "tokens": generated, "text": tok.decode(&generated, true)?,
-            "stop_reason": stop_reason,
+            "stop_reason": best.stop_reason(),
             "timings": {"load_ms": load_ms, "image_encode_ms": image_ms, "prompt_ms": prompt_ms,
                 "prompt_tokens_per_s": pos as f64 / (prompt_ms / 1e3),
                 "gen_tokens_per_s": n_decoded as f64 / (gen_ms / 1e3)}
