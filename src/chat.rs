@@ -106,13 +106,15 @@ impl<'s, 'm> Conversation<'s, 'm> {
     ) -> Result<Turn> {
         let segs = multimodal::segments(ids, image_token, images)?;
         let n_prompt = ids.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
-        let n_new = cfg.max_new_tokens.unwrap_or(0);
+        let n_new = cfg.answer_cells();
         let n_ctx = self.session.cache.n_cells();
-        if self.n_past() + n_prompt + n_new > n_ctx {
+        if self.n_past().saturating_add(n_prompt).saturating_add(n_new) > n_ctx {
             bail!(
-                "the conversation ({} positions) + this question ({n_prompt}) + -n {n_new} exceed the context of \
-                 {n_ctx} tokens: /reset to start over, or a larger -c",
-                self.n_past()
+                "the conversation ({} positions) + this question ({n_prompt}) + the answer ({} beam(s) x -n {}) \
+                 exceed the context of {n_ctx} tokens: /reset to start over, or a larger -c",
+                self.n_past(),
+                cfg.num_beams,
+                cfg.max_new_tokens.unwrap_or(0)
             );
         }
         let n_past = self.n_past();

@@ -76,107 +76,174 @@ pub fn generate(
     cfg: &GenerationConfig,
     history: &[u32],
     logits: Vec<f32>,
-    pos: i32,
-    stop: &AtomicBool,
-    on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<Vec<Generated>> {
-    cfg.validate()?;
-    if cfg.num_beams > 1 {
-        beams(session, cfg, history, logits, pos, stop, on_token)
-    } else {
-        single(session, cfg, history, logits, pos, stop, on_token).map(|g| vec![g])
-    }
-}
-
-fn single(
-    session: &mut Session<'_>,
-    cfg: &GenerationConfig,
-    history: &[u32],
-    mut logits: Vec<f32>,
-    mut pos: i32,
-    stop: &AtomicBool,
-    mut on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<Generated> {
-    let mut sampler = Sampler::new(cfg, history.len())?;
-    let mut hist = history.to_vec();
-    let mut tokens = Vec::new();
-    for _ in 0..cfg.max_new(history.len())? {
-        if stop.load(Ordering::Relaxed) {
-            return Ok(Generated { tokens, eos: None, score: None, interrupted: true });
-        }
-        let id = sampler.next(&logits, &hist)?;
-        if cfg.is_eos(id) {
-            return Ok(Generated { tokens, eos: Some(id), score: None, interrupted: false });
-        }
-        on_token(id)?;
-        tokens.push(id);
-        hist.push(id);
-        logits = session.prefill(Input::Tokens(&[id]), 0, pos, false)?;
-        pos += 1;
-    }
-    Ok(Generated { tokens, eos: None, score: None, interrupted: false })
-}
-
-fn beams(
-    session: &mut Session<'_>,
-    cfg: &GenerationConfig,
-    history: &[u32],
-    logits: Vec<f32>,
     mut pos: i32,
     stop: &AtomicBool,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<Generated>> {
-    let k = cfg.num_beams;
-    if k > MAX_SEQ || k > session.n_ubatch() {
-        bail!("--num-beams {k} is more than this session supports ({})", MAX_SEQ.min(session.n_ubatch()));
+    let mut dec = Decoder::new(cfg, history)?;
+    if dec.n_seqs() > MAX_SEQ || dec.n_seqs() > session.n_ubatch() {
+        bail!("--num-beams {} is more than this session supports ({})", dec.n_seqs(), MAX_SEQ.min(session.n_ubatch()));
     }
     let n_vocab = session.model.hp.n_vocab;
-    let mut search = BeamSearch::new(cfg, history)?;
-    let mut streamed = 0;
+    let mut rows = vec![logits];
     let mut interrupted = false;
-    // First step: one row, the prompt's. Afterwards one row per beam, beam i in sequence i.
-    let mut rows: Vec<Vec<f32>> = vec![logits];
     loop {
-        let step = search.step(&rows)?;
-        if cfg.num_return_sequences == 1 {
-            // The settled prefix only grows (see `BeamSearch::settled_prefix`); `get` keeps that an invariant,
-            // not a possible panic.
-            for &t in search.settled_prefix().get(streamed..).unwrap_or(&[]) {
-                on_token(t)?;
-                streamed += 1;
-            }
-        }
-        if step.done {
-            break;
-        }
-        if stop.load(Ordering::Relaxed) {
+        // Sampling stops before its next token; a beam search only after a step (its first step sets it up).
+        if stop.load(Ordering::Relaxed) && !dec.is_beams() {
             interrupted = true;
             break;
         }
-        // New beam i continues old row reorder[i]: relabel the cache cells, then feed each beam its token.
-        session.cache.reorder(&step.reorder);
-        let batch = Batch {
-            input: Input::Tokens(&step.tokens),
-            pos: vec![pos; k],
-            seq: (0..k).collect(),
-            logits: vec![true; k],
-        };
+        let step = dec.step(&rows)?;
+        for &t in &step.emit {
+            on_token(t)?;
+        }
+        if step.feed.is_empty() {
+            break;
+        }
+        if stop.load(Ordering::Relaxed) && dec.is_beams() {
+            interrupted = true;
+            break;
+        }
+        if let Some(from) = &step.reorder {
+            session.cache.reorder(from);
+        }
+        let k = step.feed.len();
+        let batch = Batch { input: Input::Tokens(&step.feed), pos: vec![pos; k], seq: (0..k).collect(), logits: vec![true; k] };
         let out = session.decode(&batch)?;
         rows = out.chunks(n_vocab).map(|c| c.to_vec()).collect();
         pos += 1;
-    }
-    let out: Vec<Generated> = search
-        .finalize()
-        .into_iter()
-        .map(|h| Generated { tokens: h.tokens, eos: h.eos, score: Some(h.score), interrupted })
-        .collect();
-    if let Some(best) = out.first() {
-        let from = if cfg.num_return_sequences == 1 { streamed } else { 0 };
-        for &t in best.tokens.get(from..).unwrap_or(&[]) {
-            on_token(t)?;
+        if step.done {
+            break;
         }
     }
+    let (out, rest) = dec.finish(interrupted);
+    for t in rest {
+        on_token(t)?;
+    }
     Ok(out)
+}
+
+/// One step's decision of a `Decoder`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Step {
+    /// Tokens of the first returned sequence that became final with this step, in order (to stream).
+    pub emit: Vec<u32>,
+    /// The token to feed to each live sequence next (sequence i of the decoder gets `feed[i]`); empty when
+    /// nothing more is to be computed.
+    pub feed: Vec<u32>,
+    /// Beams: new sequence i continues old sequence `reorder[i]`; relabel the KV cache before feeding.
+    pub reorder: Option<Vec<usize>>,
+    /// No further step: call `finish`. (Sampling at its length limit still feeds its last token, so the cache
+    /// holds the whole answer.)
+    pub done: bool,
+}
+
+/// The decoding of one prompt as a step machine: the caller owns the model and the KV cache, passes the logits
+/// rows of the live sequences, and gets what to feed next. `generate` drives one over a session; `serve`'s
+/// engine drives several in one batch. Both use exactly the same decisions, so an answer does not depend on who
+/// computed it.
+pub struct Decoder {
+    mode: Mode,
+}
+
+enum Mode {
+    Single { sampler: Sampler, eos_ids: Vec<u32>, hist: Vec<u32>, tokens: Vec<u32>, eos: Option<u32>, max_new: usize },
+    Beams { search: BeamSearch, streamed: usize, stream: bool },
+}
+
+impl Decoder {
+    /// Checks the configuration and sets up the sampler or the beam search for a prompt of HF `input_ids`
+    /// `history`.
+    pub fn new(cfg: &GenerationConfig, history: &[u32]) -> Result<Decoder> {
+        cfg.validate()?;
+        let mode = if cfg.num_beams > 1 {
+            Mode::Beams { search: BeamSearch::new(cfg, history)?, streamed: 0, stream: cfg.num_return_sequences == 1 }
+        } else {
+            Mode::Single {
+                sampler: Sampler::new(cfg, history.len())?,
+                eos_ids: cfg.eos_token_ids.clone(),
+                hist: history.to_vec(),
+                tokens: Vec::new(),
+                eos: None,
+                max_new: cfg.max_new(history.len())?,
+            }
+        };
+        Ok(Decoder { mode })
+    }
+
+    /// Sequences (KV cache sequences, logits rows) it needs at most.
+    pub fn n_seqs(&self) -> usize {
+        match &self.mode {
+            Mode::Single { .. } => 1,
+            Mode::Beams { search, .. } => search.num_beams(),
+        }
+    }
+
+    pub fn is_beams(&self) -> bool {
+        matches!(self.mode, Mode::Beams { .. })
+    }
+
+    /// Tokens generated so far by the first sequence (sampling), or steps taken (beams).
+    pub fn steps(&self) -> usize {
+        match &self.mode {
+            Mode::Single { tokens, .. } => tokens.len(),
+            Mode::Beams { search, .. } => search.steps(),
+        }
+    }
+
+    /// One step from the last-position logits of each live sequence (one row for the prompt's first step).
+    pub fn step<R: AsRef<[f32]>>(&mut self, rows: &[R]) -> Result<Step> {
+        match &mut self.mode {
+            Mode::Single { sampler, eos_ids, hist, tokens, eos, max_new } => {
+                let Some(row) = rows.first() else { bail!("no logits row") };
+                if eos.is_some() || tokens.len() >= *max_new {
+                    bail!("the decoder is finished");
+                }
+                let id = sampler.next(row.as_ref(), hist)?;
+                if eos_ids.contains(&id) {
+                    *eos = Some(id);
+                    return Ok(Step { done: true, ..Step::default() });
+                }
+                tokens.push(id);
+                hist.push(id);
+                Ok(Step { emit: vec![id], feed: vec![id], reorder: None, done: tokens.len() >= *max_new })
+            }
+            Mode::Beams { search, streamed, stream } => {
+                let r = search.step(rows)?;
+                let mut emit = Vec::new();
+                if *stream {
+                    // The settled prefix only grows (see `BeamSearch::settled_prefix`); `get` keeps that an
+                    // invariant, not a possible panic.
+                    emit.extend_from_slice(search.settled_prefix().get(*streamed..).unwrap_or(&[]));
+                    *streamed += emit.len();
+                }
+                if r.done {
+                    return Ok(Step { emit, done: true, ..Step::default() });
+                }
+                Ok(Step { emit, feed: r.tokens, reorder: Some(r.reorder), done: false })
+            }
+        }
+    }
+
+    /// The sequences, best first (`interrupted` marks them stopped early), and the tokens of the first one not
+    /// yet emitted by `step`.
+    pub fn finish(self, interrupted: bool) -> (Vec<Generated>, Vec<u32>) {
+        match self.mode {
+            Mode::Single { tokens, eos, .. } => {
+                (vec![Generated { tokens, eos, score: None, interrupted: interrupted && eos.is_none() }], Vec::new())
+            }
+            Mode::Beams { search, streamed, stream } => {
+                let out: Vec<Generated> = search
+                    .finalize()
+                    .into_iter()
+                    .map(|h| Generated { tokens: h.tokens, eos: h.eos, score: Some(h.score), interrupted })
+                    .collect();
+                let from = if stream { streamed } else { 0 };
+                let rest = out.first().map(|g| g.tokens.get(from..).unwrap_or(&[]).to_vec()).unwrap_or_default();
+                (out, rest)
+            }
+        }
+    }
 }
 
 /// After a beam search, makes sequence 0 of the cache hold exactly `tokens` after the prompt (positions

@@ -163,8 +163,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     let segs = multimodal::segments(&prompt, tok.image, &images)?;
     let n_positions = prompt.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
     let n_ctx = session.cache.n_cells();
-    if n_positions + args.n_predict > n_ctx {
-        bail!("prompt ({n_positions} positions) + -n {} exceed the context of {n_ctx} tokens", args.n_predict);
+    let cfg = with_seed(args.decoding.config(args.n_predict, &tok.eog));
+    // Each beam step takes a cell per beam: the answer may need num_beams x n cells.
+    if n_positions.saturating_add(cfg.answer_cells()) > n_ctx {
+        bail!(
+            "prompt ({n_positions} positions) + the answer ({} beam(s) x -n {}) exceed the context of {n_ctx} tokens",
+            cfg.num_beams,
+            args.n_predict
+        );
     }
 
     let t_prompt = Instant::now();
@@ -176,7 +182,6 @@ pub fn run(args: RunArgs) -> Result<()> {
         write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;
     }
 
-    let cfg = with_seed(args.decoding.config(args.n_predict, &tok.eog));
     // Ctrl-C ends the generation (what was generated is printed), a second one the program.
     let stop = crate::interrupt::flag();
     let t_gen = Instant::now();

@@ -1,75 +1,27 @@
-//! `serve` end to end over HTTP: the OpenAI-style answer equals `run`'s for the same image and question, a
-//! follow-up reuses the cached image and prefix and answers as a recomputed one does, streaming sends the same
-//! text, and bad requests get a 400 that names the field.
+//! `serve` end to end over real TCP with an HTTP/1.1 client: answers equal `run`'s; a follow-up reuses the cached
+//! image and prefix; events stream while the answer is generated; parallel clients get exactly the answers they
+//! get alone while being decoded together; a client that leaves is cancelled; a full queue answers 503.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
 
 use asagi_convert::{LlmType, MmprojType};
 use base64::Engine as _;
 use common::fixtures;
+use common::server::{client, Server, SseReader};
 use serde_json::{json, Value};
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+struct Model {
+    llm: PathBuf,
+    mmproj: PathBuf,
+    _dir: tempfile::TempDir,
 }
 
-struct Server(Child, u16);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// One HTTP/1.0 exchange (the server closes the connection after the body): (status, body).
-fn http(port: u16, method: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let out = String::from_utf8(out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").unwrap();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, body.to_string())
-}
-
-fn post(port: u16, v: &Value) -> (u16, Value) {
-    let (status, body) = http(port, "POST", "/v1/chat/completions", &v.to_string());
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")))
-}
-
-fn start(llm: &std::path::Path, mmproj: &std::path::Path) -> Server {
-    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = bin()
-        .args(["serve", "--greedy", "-n", "6", "-t", "2", "-c", "1024", "--port", &port.to_string(), "--mmproj"])
-        .arg(mmproj)
-        .arg("-m")
-        .arg(llm)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let server = Server(child, port);
-    for _ in 0..200 {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return server;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("serve did not start listening on {port}");
-}
-
-#[test]
-fn chat_completions_match_run_reuse_the_cache_and_stream() {
+fn model() -> Model {
     let dir = tempfile::tempdir().unwrap();
     let (llm, mmproj) = common::conversion::convert(
         &fixtures::model_dir("base-default-f32"),
@@ -78,89 +30,227 @@ fn chat_completions_match_run_reuse_the_cache_and_stream() {
         MmprojType::F32,
     )
     .unwrap();
+    Model { llm, mmproj, _dir: dir }
+}
+
+fn image_part(name: &str) -> Value {
+    let png = base64::engine::general_purpose::STANDARD.encode(std::fs::read(fixtures::root().join(name)).unwrap());
+    json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{png}")}})
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+#[test]
+fn answers_match_run_reuse_the_cache_and_stream() {
+    let m = model();
     let image_path = fixtures::root().join("images/rgb_80x60.png");
-    let png = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&image_path).unwrap());
-    let image = json!({"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{png}")}});
+    let image = image_part("images/rgb_80x60.png");
     let question = "この画像は何ですか";
 
     // The same image and question through `run`.
-    let run = bin()
+    let run = Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
         .args(["run", "--json", "--greedy", "-n", "6", "-t", "2", "-c", "1024", "-p", question, "--image"])
         .arg(&image_path)
         .arg("--mmproj")
-        .arg(&mmproj)
+        .arg(&m.mmproj)
         .arg("-m")
-        .arg(&llm)
+        .arg(&m.llm)
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let run: Value = serde_json::from_slice(&run.stdout).unwrap();
 
-    let server = start(&llm, &mmproj);
-    let port = server.1;
-    assert_eq!(http(port, "GET", "/health", "").0, 200);
-    assert_eq!(http(port, "OPTIONS", "/v1/chat/completions", "").0, 204, "CORS preflight");
-    let (status, models) = http(port, "GET", "/v1/models", "");
-    assert!(status == 200 && models.contains("\"object\":\"list\""), "{models}");
+    let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-n", "6", "-c", "1024", "--parallel", "2"]);
+    server.assert_healthy("start");
+    let models: Value = client(Duration::from_secs(5)).get(server.url("/v1/models")).send().unwrap().json().unwrap();
+    assert_eq!(models["object"], "list");
 
-    let first = json!({"messages": [
+    let first = json!({"user": "alice", "messages": [
         {"role": "system", "content": "ignored"},
         {"role": "user", "content": [image, {"type": "text", "text": question}]}]});
-    let (status, a1) = post(port, &first);
+    let (status, a1) = server.post(&first);
     assert_eq!(status, 200, "{a1}");
     let text1 = a1["choices"][0]["message"]["content"].as_str().unwrap().to_string();
     assert_eq!(text1, run["text"].as_str().unwrap(), "serve and run answer alike");
     assert_eq!(a1["usage"]["completion_tokens"], json!(run["tokens"].as_array().unwrap().len()));
     assert_eq!(a1["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert!(a1["id"].as_str().unwrap().starts_with("chatcmpl-"));
     let prompt1 = a1["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(a1["timings"]["images_encoded"], 1);
 
     // A follow-up: the first question and its image come from the cache.
-    let follow = json!({"messages": [
+    let follow = json!({"user": "alice", "messages": [
         {"role": "user", "content": [image, {"type": "text", "text": question}]},
         {"role": "assistant", "content": text1},
-        {"role": "user", "content": "色は"}]});
-    let (status, a2) = post(port, &follow);
+        user("色は")]});
+    let (status, a2) = server.post(&follow);
     assert_eq!(status, 200, "{a2}");
+    assert_ne!(a1["id"], a2["id"], "ids are unique");
     let cached = a2["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
     assert!(cached >= prompt1, "the image turn is reused: {cached} cached of {prompt1}");
+    assert_eq!(a2["timings"]["images_encoded"], 0, "the image is not encoded again");
     let text2 = a2["choices"][0]["message"]["content"].as_str().unwrap().to_string();
 
-    // Something else in between empties the cache of the image; the follow-up recomputed answers alike.
-    let (status, other) = post(port, &json!({"messages": [{"role": "user", "content": "こんにちは"}]}));
-    assert_eq!(status, 200, "{other}");
+    // Another user asks about the same image: the preamble and image are shared, but the count is not told.
+    let bob = json!({"user": "bob", "messages": [{"role": "user", "content": [image, {"type": "text", "text": "何色"}]}]});
+    let reused_before = server.stats()["prompt_positions_reused"].as_u64().unwrap();
+    let (status, b) = server.post(&bob);
+    assert_eq!(status, 200, "{b}");
+    assert!(b["usage"].get("prompt_tokens_details").is_none(), "another user's cache is not reported: {b}");
+    assert_eq!(b["timings"]["images_encoded"], 0, "the image came from the other conversation's cells");
+    assert!(server.stats()["prompt_positions_reused"].as_u64().unwrap() > reused_before);
+
+    // Text-only requests in between; the follow-up, streamed, answers alike.
+    assert_eq!(server.post(&json!({"messages": [user("こんにちは")]})).0, 200);
+    assert_eq!(server.post(&json!({"messages": [user("おはよう")]})).0, 200);
     let mut stream_req = follow.clone();
     stream_req["stream"] = json!(true);
-    let (status, sse) = http(port, "POST", "/v1/chat/completions", &stream_req.to_string());
-    assert_eq!(status, 200);
-    let events: Vec<&str> = sse.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
-    assert_eq!(events.last(), Some(&"[DONE]"), "{sse}");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
-    assert_eq!(streamed, text2, "recomputed and streamed = reused");
-    assert!(chunks.last().unwrap()["choices"][0]["finish_reason"].is_string());
+    stream_req["stream_options"] = json!({"include_usage": true});
+    let mut sse = SseReader::open(&server, &stream_req);
+    let (role, _) = sse.next().unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&role).unwrap()["choices"][0]["delta"]["role"], "assistant");
+    let (streamed, reason, _) = sse.rest();
+    assert_eq!(streamed, text2, "streamed = reused");
+    assert!(reason == "stop" || reason == "length", "{reason}");
+
+    // A stop string: the answer ends where it starts, and it is never sent.
+    if text1.chars().count() >= 3 {
+        let cut: String = text1.chars().skip(1).take(2).collect();
+        let mut req = first.clone();
+        req["stop"] = json!([cut]);
+        let (status, v) = server.post(&req);
+        assert_eq!(status, 200, "{v}");
+        let want = &text1[..text1.find(&cut).unwrap()];
+        assert_eq!((v["choices"][0]["message"]["content"].as_str().unwrap(), v["choices"][0]["finish_reason"].as_str().unwrap()), (want, "stop"));
+        req["stream"] = json!(true);
+        let (streamed, reason, _) = SseReader::open(&server, &req).rest();
+        assert_eq!((streamed.as_str(), reason.as_str()), (want, "stop"));
+    }
 
     // Bad requests: 400 with the field named.
     for (bad, field) in [
         (json!({"messages": []}), "messages"),
-        (
-            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]}),
-            "base64",
-        ),
-        (json!({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}), "temperature"),
-        (
-            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}),
-            "--allow-paths",
-        ),
-        (
-            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
-            "not a supported image",
-        ),
+        (json!({"messages": [user("x")], "temperature": "hot"}), "temperature"),
+        (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}), "not a supported image"),
+        (json!({"messages": [user("<image>何ですか")]}), "<image>"),
     ] {
-        let (status, body) = post(port, &bad);
+        let (status, body) = server.post(&bad);
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["error"]["message"].as_str().unwrap().contains(field), "{bad}: {body}");
     }
     // The server still answers after the errors.
-    let (status, again) = post(port, &first);
-    assert_eq!((status, again["choices"][0]["message"]["content"].as_str().unwrap()), (200, text1.as_str()));
+    assert_eq!(server.answer(&first), text1);
+    server.assert_healthy("the requests");
+}
+
+/// Events are flushed as they are produced: the first text arrives while the answer is still being generated.
+#[test]
+fn events_arrive_while_the_answer_is_generated() {
+    let m = model();
+    let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048"]);
+    let req = json!({"messages": [user("長い話をしてください")], "max_tokens": 1500, "min_tokens": 1500, "stream": true});
+    let mut sse = SseReader::open(&server, &req);
+    sse.next().unwrap(); // the role chunk
+    let (first, t_first) = sse.next().unwrap();
+    assert!(serde_json::from_str::<Value>(&first).unwrap()["choices"][0]["delta"]["content"].is_string());
+    // The generation is still running when the first text is here.
+    let busy = server.stats()["slots_busy"].as_u64().unwrap();
+    let (_, reason, n) = sse.rest();
+    let t_end = sse.start.elapsed();
+    assert_eq!(busy, 1, "the first event came after the generation ended (first at {t_first:?}, end at {t_end:?})");
+    assert_eq!(reason, "length");
+    assert!(n > 100, "{n} content events: the text was not streamed piece by piece");
+    assert!(t_first * 4 < t_end, "first event at {t_first:?} of {t_end:?}");
+    server.assert_healthy("a long stream");
+}
+
+/// Four clients at once get exactly the answers each gets alone (greedy and beams), and the engine decoded their
+/// tokens in shared batches.
+#[test]
+fn parallel_clients_get_their_own_answers_batched_together() {
+    let m = model();
+    let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048", "--parallel", "4"]);
+    let image = image_part("images/rgb_80x60.png");
+    let requests: Vec<Value> = vec![
+        json!({"messages": [user("日本の首都はどこですか")], "max_tokens": 40, "min_tokens": 40}),
+        json!({"messages": [user("猫について教えて")], "max_tokens": 40, "min_tokens": 30, "temperature": 0, "num_beams": 3}),
+        json!({"messages": [{"role": "user", "content": [image, {"type": "text", "text": "この画像は何ですか"}]}], "max_tokens": 40, "min_tokens": 40}),
+        json!({"messages": [user("富士山")], "max_tokens": 40, "min_tokens": 20, "temperature": 0, "num_beams": 2, "n": 2}),
+    ];
+    let alone: Vec<Value> = requests.iter().map(|r| all_choices(&server.post(r).1)).collect();
+    let before = server.stats();
+
+    let barrier = Arc::new(Barrier::new(requests.len()));
+    let url = server.url("/v1/chat/completions");
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let (barrier, url) = (barrier.clone(), url.clone());
+                s.spawn(move || {
+                    barrier.wait();
+                    let v: Value = client(Duration::from_secs(300)).post(url).json(r).send().unwrap().json().unwrap();
+                    all_choices(&v)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "request {i}: the answer depends on its batch neighbours");
+    }
+    let after = server.stats();
+    let shared = after["shared_steps"].as_u64().unwrap() - before["shared_steps"].as_u64().unwrap();
+    assert!(shared > 10, "only {shared} steps decoded more than one request: {after}");
+    assert!(after["max_requests_per_step"].as_u64().unwrap() >= 3, "{after}");
+    server.assert_healthy("parallel requests");
+}
+
+fn all_choices(v: &Value) -> Value {
+    let choices = v["choices"].as_array().unwrap_or_else(|| panic!("{v}"));
+    json!(choices.iter().map(|c| json!([c["message"]["content"], c["finish_reason"]])).collect::<Vec<_>>())
+}
+
+/// A client that goes away (streaming or not) frees its slot at once; a full queue answers 503.
+#[test]
+fn a_client_that_leaves_is_cancelled_and_a_full_queue_answers_503() {
+    let m = model();
+    let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048", "--parallel", "1", "--queue", "1"]);
+    let long = json!({"messages": [user("長い話")], "max_tokens": 1800, "min_tokens": 1800});
+
+    // Streaming: read one event, hang up.
+    let mut req = long.clone();
+    req["stream"] = json!(true);
+    let mut sse = SseReader::open(&server, &req);
+    sse.next().unwrap();
+    sse.next().unwrap();
+    drop(sse);
+    server.wait_stats(2, "the stream's slot freed", |s| s["cancelled"] == 1 && s["slots_busy"] == 0);
+
+    // Not streaming: the client times out and leaves.
+    let r = client(Duration::from_millis(300)).post(server.url("/v1/chat/completions")).json(&long).send();
+    assert!(r.is_err(), "a 1800-token answer within 300 ms?");
+    server.wait_stats(2, "the request's slot freed", |s| s["cancelled"] == 2 && s["slots_busy"] == 0);
+
+    // One slot, one place in the queue: the third request is told to come back.
+    let mut busy = long.clone();
+    busy["stream"] = json!(true);
+    let mut running = SseReader::open(&server, &busy);
+    running.next().unwrap();
+    let url = server.url("/v1/chat/completions");
+    let short = json!({"messages": [user("こんにちは")], "max_tokens": 3});
+    let queued = std::thread::spawn({
+        let (url, short) = (url.clone(), short.clone());
+        move || client(Duration::from_secs(300)).post(url).json(&short).send().unwrap().status().as_u16()
+    });
+    server.wait_stats(5, "one request queued", |s| s["queued"] == 1);
+    let r = client(Duration::from_secs(5)).post(&url).json(&short).send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    server.assert_healthy("a full queue");
+    drop(running);
+    assert_eq!(queued.join().unwrap(), 200, "the queued request runs once the slot is free");
+    assert_eq!(server.stats()["rejected_busy"], 1);
 }

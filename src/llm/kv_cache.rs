@@ -156,6 +156,25 @@ impl KvCache {
         }
     }
 
+    /// Sequence `dst` becomes a copy of `src`'s cells at positions before `p` (a shared prompt prefix: the cells
+    /// gain a sequence, no K/V data moves). `dst`'s own cells are dropped first.
+    pub fn seq_cp_prefix(&mut self, src: usize, dst: usize, p: i32) {
+        self.seq_rm(dst);
+        for c in self.cells.iter_mut().filter(|c| c.pos < p && c.seqs & (1 << src) != 0) {
+            c.seqs |= 1 << dst;
+        }
+    }
+
+    /// Cells no sequence holds.
+    pub fn n_free(&self) -> usize {
+        self.cells.iter().filter(|c| c.seqs == 0).count()
+    }
+
+    /// Cells that `seqs` (a sequence bit set) hold and no other sequence does: what removing them frees.
+    pub fn n_only(&self, seqs: u64) -> usize {
+        self.cells.iter().filter(|c| c.seqs != 0 && c.seqs & !seqs == 0).count()
+    }
+
     /// Removes every sequence.
     pub fn clear(&mut self) {
         self.cells.fill(Cell::default());
@@ -164,10 +183,22 @@ impl KvCache {
     /// Beam reordering: new sequence i takes what old sequence `from[i]` had, for i in 0..from.len(); other
     /// sequences are dropped. Cells no beam keeps become free.
     pub fn reorder(&mut self, from: &[usize]) {
+        self.reorder_range(0, MAX_SEQ, from);
+    }
+
+    /// `reorder` within the sequences `base..base + width` (one server slot's beams), `from` relative to `base`:
+    /// new sequence base+i takes what old sequence base+from[i] had; the range's other sequences are dropped and
+    /// sequences outside the range keep their cells.
+    pub fn reorder_range(&mut self, base: usize, width: usize, from: &[usize]) {
+        assert!(base + width <= MAX_SEQ && from.len() <= width, "sequences {base}+{width}, {} beams", from.len());
+        let range = if width == MAX_SEQ { u64::MAX } else { ((1u64 << width) - 1) << base };
         for c in &mut self.cells {
             let old = c.seqs;
-            c.seqs =
-                from.iter().enumerate().fold(0, |acc, (i, &f)| if old & (1 << f) != 0 { acc | (1 << i) } else { acc });
+            let moved = from
+                .iter()
+                .enumerate()
+                .fold(0, |acc, (i, &f)| if old & (1 << (base + f)) != 0 { acc | (1 << (base + i)) } else { acc });
+            c.seqs = (old & !range) | moved;
         }
     }
 }
@@ -228,6 +259,29 @@ mod tests {
             assert!(bytes[..3 * row].iter().all(|&b| b == 0), "{}: cells 0..3 zeroed", t.name());
             assert!(bytes[3 * row..].iter().all(|&b| b == 0xff), "{}: cells 3.. untouched", t.name());
         }
+    }
+
+    /// Two slots in one cache: reordering one slot's beams leaves the other's cells alone; a prefix copied to
+    /// another sequence shares its cells.
+    #[test]
+    fn slots_reorder_their_own_range_and_share_prefixes() {
+        let mut kv = cache(16);
+        kv.claim(&[0, 1, 2], &[0, 0, 0]).unwrap(); // slot A (sequences 0..4), prompt
+        kv.claim(&[0, 1], &[4, 4]).unwrap(); // slot B (sequences 4..8)
+        kv.seq_cp(4, 5);
+        kv.claim(&[2, 2], &[4, 5]).unwrap();
+        kv.reorder_range(0, 4, &[0, 0, 0]); // A: three beams of the prompt
+        assert_eq!((kv.seq_len(0), kv.seq_len(1), kv.seq_len(2), kv.seq_len(3)), (3, 3, 3, 0));
+        assert_eq!((kv.seq_len(4), kv.seq_len(5)), (3, 3), "slot B untouched");
+        kv.reorder_range(4, 4, &[1]); // B keeps its second beam only
+        assert_eq!((kv.seq_len(4), kv.seq_len(5)), (3, 0));
+        assert_eq!(kv.n_free(), 16 - 3 - 3, "B's dropped beam cell is free");
+        assert_eq!(vis_of(&kv.mask(8, &[3], &[4]), 0), vec![3, 4, 6]);
+        kv.seq_cp_prefix(0, 8, 2);
+        assert_eq!(vis_of(&kv.mask(8, &[5], &[8]), 0), vec![0, 1]);
+        assert_eq!(kv.n_only(0b1111), 1, "A's cell at position 2 alone is A's only");
+        kv.seq_rm(8);
+        assert_eq!(kv.n_only(0b1111), 3);
     }
 
     fn vis_of(m: &[half::f16], t: usize) -> Vec<usize> {

@@ -30,94 +30,269 @@
 //!   colour (or palette entry 0).
 //! - EXIF orientation is **not** applied (neither PIL's `open` nor HF applies it), ICC profiles are ignored.
 //!
-//! Guards: the width and height are read from the header before any pixel is decoded; an image with a zero
-//! side or more than [`MAX_IMAGE_PIXELS`] pixels is refused.
+//! Guards ([`ImageLimits`]): the width and height, and with them what decoding (and, when the caller says to
+//! what size, resizing) will cost, are read and checked from the header before any pixel is decoded: an image
+//! with a zero side, more than `max_pixels` pixels, a peak working memory above `max_bytes` or a resize above
+//! `max_resize_ops` multiply-adds is refused with an error naming the image, its size and the limit. The large
+//! buffers we allocate ourselves use `try_reserve`, so a failed allocation is an error, not an abort.
 
+use std::collections::TryReserveError;
 use std::io::Cursor;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use image::{ColorType, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+
+use super::resize::resize_cost;
 
 /// PIL's default `Image.MAX_IMAGE_PIXELS` (about 0.25 GiB of 24-bit pixels; PIL warns above it and raises
 /// `DecompressionBombError` above twice that). We refuse anything above it.
 pub const MAX_IMAGE_PIXELS: u64 = 89_478_485;
+
+/// What an image may cost before it is decoded: checked from its header (see the module docs).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageLimits {
+    /// Width x height.
+    pub max_pixels: u64,
+    /// Peak working memory in bytes: the decoder's buffers (its output at its own bit depth, its internal
+    /// planes / canvas / coefficients, estimated from the format and header), our 8-bit RGB copy, and, when
+    /// a resize target is given, the decoded RGB image plus the resize's working memory
+    /// ([`resize_cost`](super::resize::resize_cost)) plus the f32 `pixel_values`. The larger of the decode and
+    /// the resize phases counts (the decoder's buffers are freed before the resize). The encoded bytes
+    /// themselves are not counted.
+    pub max_bytes: u64,
+    /// Multiply-adds of the bicubic resize to the target size (both passes, 3 channels).
+    pub max_resize_ops: u64,
+}
+
+impl Default for ImageLimits {
+    /// - `max_pixels`: [`MAX_IMAGE_PIXELS`], PIL's.
+    /// - `max_bytes`: 1 GiB. A MAX_IMAGE_PIXELS RGB(A) 8-bit PNG peaks at about 0.63 GB (RGBA buffer + RGB
+    ///   copy), a 16-bit RGBA one at 0.98 GB, a baseline JPEG at 0.54 GB; a progressive JPEG of that size (its
+    ///   16-bit coefficients are kept for the whole decode) needs about 1.1 GB and is refused, as are thin
+    ///   strips whose resize needs a huge intermediate (1 x 10,000,000 to 384 x 384: 11.5 GB).
+    /// - `max_resize_ops`: 2e9. A 9459 x 9459 photo (MAX_IMAGE_PIXELS) to 384 x 384 takes 1.14e9, 4000 x 3000
+    ///   0.16e9; 1 x 10,000,000 to 384 x 384 takes 1.15e10. Measured on this machine (release build, one
+    ///   core): the 9459 x 9459 resize takes about 1.3 s, so a limit-sized resize costs about 2.3 s
+    ///   (about 1.15 ns per multiply-add).
+    fn default() -> Self {
+        ImageLimits { max_pixels: MAX_IMAGE_PIXELS, max_bytes: 1 << 30, max_resize_ops: 2_000_000_000 }
+    }
+}
 
 /// The formats we decode (JPEG through jpeg-decoder, the others through the `image` features enabled in
 /// Cargo.toml).
 const FORMATS: &[ImageFormat] =
     &[ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Gif];
 
-/// Reads and decodes an image file to 8-bit RGB (see the module docs for the conversion rules).
+/// Reads and decodes an image file to 8-bit RGB (see the module docs for the conversion rules), within the
+/// default [`ImageLimits`].
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read the image file", path.display()))?;
+    let bytes = read_file(path)?;
     load_rgb_from_memory(&bytes, &path.display().to_string())
 }
 
-/// Decodes an encoded image held in memory; `name` (a file name, URL, request id...) names it in errors.
+/// `std::fs::read` with the error naming the file.
+pub(crate) fn read_file(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("{}: cannot read the image file", path.display()))
+}
+
+/// Decodes an encoded image held in memory, within the default [`ImageLimits`]; `name` (a file name, URL,
+/// request id...) names it in errors.
 pub fn load_rgb_from_memory(bytes: &[u8], name: &str) -> Result<RgbImage> {
+    load_rgb_limited(bytes, name, &ImageLimits::default(), None)
+}
+
+/// Decodes an encoded image held in memory to 8-bit RGB, refusing it from its header when it would exceed
+/// `limits`. With `resize_to` = (w, h), the cost of then resizing it to w x h (and normalising that to f32
+/// `pixel_values`) is checked too, as [`preprocess_bytes_limited`](super::preprocess_bytes_limited) does.
+pub fn load_rgb_limited(
+    bytes: &[u8],
+    name: &str,
+    limits: &ImageLimits,
+    resize_to: Option<(u32, u32)>,
+) -> Result<RgbImage> {
     let format = image::guess_format(bytes)
         .ok()
         .filter(|f| FORMATS.contains(f))
         .with_context(|| format!("{name}: not a supported image (JPEG, PNG, WebP, BMP or GIF expected)"))?;
 
     if format == ImageFormat::Jpeg {
-        return decode_jpeg(bytes, name);
+        return decode_jpeg(bytes, name, limits, resize_to);
     }
 
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    // The pixel guard below is the real limit; this only keeps the crate's own 512 MiB default from refusing
-    // images PIL accepts (the largest allowed image as 16-bit RGBA is ~683 MiB).
-    let mut limits = Limits::default();
-    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8 + (64 << 20));
-    reader.limits(limits);
+    // Our header check is the real limit; this only keeps the crate's own 512 MiB default from refusing
+    // images PIL accepts (the largest allowed image as 16-bit RGBA is ~683 MiB) before our check runs.
+    let mut crate_limits = Limits::default();
+    crate_limits.max_alloc = Some(limits.max_bytes.max(MAX_IMAGE_PIXELS * 8 + (64 << 20)));
+    reader.limits(crate_limits);
     let decoder = reader.into_decoder().with_context(|| format!("{name}: corrupt or unreadable {format:?} image"))?;
 
-    // Header only so far: check the size before decoding any pixel data.
+    // Header only so far: check the size and the costs before decoding any pixel data.
     let (w, h) = decoder.dimensions();
-    check_dimensions(name, w, h)?;
+    let color = decoder.color_type();
+    let out_bytes = decoder.total_bytes();
+    // The decoder's internal buffers: GIF reads a frame smaller than the screen into an RGBA frame buffer
+    // first (at most another `out_bytes`); WebP lossy decodes to YUV planes (1.5 B/px), lossless to ARGB
+    // (up to 4 B/px); PNG and BMP work row by row (PNG: the previous and current raw rows and a transformed
+    // one).
+    let internal = match format {
+        ImageFormat::Gif | ImageFormat::WebP => out_bytes.max((w as u64).saturating_mul(h as u64).saturating_mul(4)),
+        _ => (w as u64).saturating_mul(color.bytes_per_pixel() as u64).saturating_mul(3),
+    };
+    let rgb_copy = if color == ColorType::Rgb8 { 0 } else { rgb_bytes(w, h) };
+    let decode_bytes = out_bytes.saturating_add(internal).saturating_add(rgb_copy);
+    check_header(name, &Header { width: w, height: h, decode_bytes }, limits, resize_to)?;
 
-    let img = DynamicImage::from_decoder(decoder)
-        .with_context(|| format!("{name}: corrupt or unreadable {format:?} image"))?;
+    let corrupt = || format!("{name}: corrupt or unreadable {format:?} image");
+    let mut raw = try_zeroed(out_bytes).map_err(|e| oom(name, w, h, e))?;
+    decoder.read_image(&mut raw).with_context(corrupt)?;
     let gray16_png = format == ImageFormat::Png && png_is_gray16(bytes);
-    to_rgb_like_pil(img, gray16_png).with_context(|| format!("{name}: cannot convert the {format:?} image to RGB"))
+    to_rgb_like_pil(color, raw, w, h, gray16_png)
+        .map_err(|e| e.context(format!("{name}: cannot convert the {format:?} image to RGB")))
 }
 
-/// Refuses an empty image or one above [`MAX_IMAGE_PIXELS`] (from the header, before the pixels are decoded).
-fn check_dimensions(name: &str, w: u32, h: u32) -> Result<()> {
+/// What the header says, for [`check_header`].
+#[derive(Clone, Copy, Debug)]
+pub struct Header {
+    pub width: u32,
+    pub height: u32,
+    /// Peak bytes while decoding to 8-bit RGB: the decoder's output and internal buffers (estimated from the
+    /// format and header) plus our RGB copy where one is made.
+    pub decode_bytes: u64,
+}
+
+/// The checks every format goes through once its header is read, before any pixel is decoded: zero size,
+/// `max_pixels`, `max_bytes` (the decode phase, and with `resize_to` the resize phase: decoded RGB + resize
+/// working memory + f32 `pixel_values`), and `max_resize_ops`. The error names the image, its size and the
+/// limit it exceeds.
+pub fn check_header(name: &str, hd: &Header, limits: &ImageLimits, resize_to: Option<(u32, u32)>) -> Result<()> {
+    let (w, h) = (hd.width, hd.height);
     if w == 0 || h == 0 {
-        bail!("{name}: the image has zero size ({w}x{h})");
+        bail!("image {name}: the image has zero size ({w}x{h})");
     }
     let pixels = w as u64 * h as u64;
-    if pixels > MAX_IMAGE_PIXELS {
+    if pixels > limits.max_pixels {
+        let pil = if limits.max_pixels == MAX_IMAGE_PIXELS { " (PIL's MAX_IMAGE_PIXELS)" } else { "" };
         bail!(
-            "{name}: {w}x{h} = {pixels} pixels exceeds the limit of {MAX_IMAGE_PIXELS} (PIL's MAX_IMAGE_PIXELS): \
-             refusing a possible decompression bomb"
+            "image {name}: {w}x{h} = {pixels} pixels exceeds the limit of {}{pil}: refusing a possible \
+             decompression bomb",
+            limits.max_pixels
+        );
+    }
+    if hd.decode_bytes > limits.max_bytes {
+        bail!(
+            "image {name}: {w}x{h} needs {} to decode (limit {}): the image is too large",
+            fmt_bytes(hd.decode_bytes),
+            fmt_bytes(limits.max_bytes)
+        );
+    }
+    let Some((tw, th)) = resize_to else { return Ok(()) };
+    let cost = resize_cost(w, h, tw, th);
+    // After decoding, the RGB image, the resize's working memory and then the f32 pixel_values.
+    let pixel_values = (tw as u64).saturating_mul(th as u64).saturating_mul(3 * 4);
+    let resize_bytes = rgb_bytes(w, h).saturating_add(cost.bytes).saturating_add(pixel_values);
+    let why = if w.max(h) as u64 >= 32 * w.min(h) as u64 { "the aspect ratio is too extreme" } else { "the image is too large" };
+    if resize_bytes > limits.max_bytes {
+        bail!(
+            "image {name}: {w}x{h} needs {} to resize to {tw}x{th} (limit {}): {why}",
+            fmt_bytes(resize_bytes),
+            fmt_bytes(limits.max_bytes)
+        );
+    }
+    if cost.ops > limits.max_resize_ops {
+        bail!(
+            "image {name}: {w}x{h} needs {:.2e} multiply-adds to resize to {tw}x{th} (limit {:.2e}): {why}",
+            cost.ops as f64,
+            limits.max_resize_ops as f64
         );
     }
     Ok(())
 }
 
+/// Bytes of a packed 8-bit RGB image.
+fn rgb_bytes(w: u32, h: u32) -> u64 {
+    (w as u64).saturating_mul(h as u64).saturating_mul(3)
+}
+
+/// "1.5 GiB", "300.0 MiB", "12.0 KiB", "17 B".
+fn fmt_bytes(n: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    UNITS
+        .iter()
+        .find(|(_, u)| n >= *u)
+        .map_or_else(|| format!("{n} B"), |(name, u)| format!("{:.1} {name}", n as f64 / *u as f64))
+}
+
+/// A zero-filled buffer of `n` bytes, or the allocation error instead of an abort.
+fn try_zeroed(n: u64) -> Result<Vec<u8>, TryReserveError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(usize::try_from(n).unwrap_or(usize::MAX))?;
+    v.resize(n as usize, 0);
+    Ok(v)
+}
+
+/// An empty buffer with room for `n` bytes, or the allocation error.
+fn try_with_capacity(n: usize) -> Result<Vec<u8>, TryReserveError> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)?;
+    Ok(v)
+}
+
+fn oom(name: &str, w: u32, h: u32, e: TryReserveError) -> anyhow::Error {
+    anyhow::anyhow!("image {name}: out of memory decoding the {w}x{h} image ({e})")
+}
+
 /// JPEG through jpeg-decoder: grey, YCbCr / RGB, and CMYK / YCCK (PIL's `cmyk2rgb`).
-fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    use jpeg_decoder::PixelFormat;
+fn decode_jpeg(bytes: &[u8], name: &str, limits: &ImageLimits, resize_to: Option<(u32, u32)>) -> Result<RgbImage> {
+    use jpeg_decoder::{CodingProcess, PixelFormat};
     let corrupt = || format!("{name}: corrupt or unreadable JPEG image");
     let mut decoder = jpeg_decoder::Decoder::new(bytes);
     // Markers up to the frame header only.
     decoder.read_info().with_context(corrupt)?;
     let info = decoder.info().with_context(corrupt)?;
     let (w, h) = (info.width as u32, info.height as u32);
-    check_dimensions(name, w, h)?;
+    // jpeg-decoder's buffers: one u8 plane per component padded to whole MCUs (assumed full resolution, i.e.
+    // no chroma subsampling: an upper bound), the 16-bit coefficients of the whole image for a progressive
+    // (or 16-bit samples for a lossless) JPEG, kept until the end, and the interleaved output.
+    let comps = match info.pixel_format {
+        PixelFormat::L8 | PixelFormat::L16 => 1u64,
+        PixelFormat::RGB24 => 3,
+        PixelFormat::CMYK32 => 4,
+    };
+    let padded = (w as u64).div_ceil(16) * 16 * ((h as u64).div_ceil(16) * 16);
+    let planes = comps * padded;
+    let coeffs = match info.coding_process {
+        CodingProcess::DctSequential => 0,
+        CodingProcess::DctProgressive | CodingProcess::Lossless => 2 * comps * padded,
+    };
+    let n = w as u64 * h as u64;
+    let out = n * info.pixel_format.pixel_bytes() as u64;
+    let rgb_copy = if info.pixel_format == PixelFormat::RGB24 { 0 } else { rgb_bytes(w, h) };
+    let decode_bytes = (planes + coeffs + out).max(out + rgb_copy);
+    check_header(name, &Header { width: w, height: h, decode_bytes }, limits, resize_to)?;
+    decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_bytes).unwrap_or(usize::MAX));
     let px = decoder.decode().with_context(corrupt)?;
+    // Frees the progressive coefficients before the RGB conversion.
+    drop(decoder);
 
-    let n = w as usize * h as usize;
+    let n = n as usize;
     if px.len() != n * info.pixel_format.pixel_bytes() {
         bail!("{name}: corrupt JPEG: {} bytes decoded for {w}x{h} {:?}", px.len(), info.pixel_format);
     }
     let rgb: Vec<u8> = match info.pixel_format {
         PixelFormat::RGB24 => px,
-        PixelFormat::L8 => px.iter().flat_map(|&v| [v; 3]).collect(),
-        PixelFormat::CMYK32 => px.chunks_exact(4).flat_map(|p| cmyk_to_rgb([p[0], p[1], p[2], p[3]])).collect(),
+        PixelFormat::L8 => {
+            let mut rgb = try_with_capacity(n * 3).map_err(|e| oom(name, w, h, e))?;
+            rgb.extend(px.iter().flat_map(|&v| [v; 3]));
+            rgb
+        }
+        PixelFormat::CMYK32 => {
+            let mut rgb = try_with_capacity(n * 3).map_err(|e| oom(name, w, h, e))?;
+            rgb.extend(px.chunks_exact(4).flat_map(|p| cmyk_to_rgb([p[0], p[1], p[2], p[3]])));
+            rgb
+        }
         // 12-bit / lossless JPEG: Pillow reads through libjpeg's 8-bit API and refuses them too, as far as we know.
         PixelFormat::L16 => bail!("{name}: 16-bit (12-bit or lossless) JPEG is not supported"),
     };
@@ -143,25 +318,28 @@ fn png_is_gray16(bytes: &[u8]) -> bool {
     bytes.len() >= 26 && &bytes[12..16] == b"IHDR" && bytes[24] == 16 && bytes[25] == 0
 }
 
-/// PIL `convert("RGB")` on what the image crate decoded (alpha dropped, not composited).
-fn to_rgb_like_pil(img: DynamicImage, gray16_png: bool) -> Result<RgbImage> {
-    let (w, h) = (img.width(), img.height());
+/// PIL `convert("RGB")` on what the image crate decoded: `raw` is the decoder's buffer in `color` (16-bit
+/// samples native-endian, as `ImageDecoder::read_image` writes them). Alpha is dropped, not composited.
+fn to_rgb_like_pil(color: ColorType, raw: Vec<u8>, w: u32, h: u32, gray16_png: bool) -> Result<RgbImage> {
+    if color == ColorType::Rgb8 {
+        return RgbImage::from_raw(w, h, raw).context("internal error: RGB buffer size");
+    }
     let n = w as usize * h as usize;
-    let mut out: Vec<u8> = Vec::with_capacity(n * 3);
-    match img {
-        DynamicImage::ImageRgb8(b) => return Ok(b),
-        DynamicImage::ImageRgba8(b) => b.pixels().for_each(|p| out.extend_from_slice(&p.0[..3])),
-        DynamicImage::ImageLuma8(b) => b.pixels().for_each(|p| out.extend_from_slice(&[p.0[0]; 3])),
-        DynamicImage::ImageLumaA8(b) => b.pixels().for_each(|p| out.extend_from_slice(&[p.0[0]; 3])),
-        DynamicImage::ImageRgb16(b) => b.pixels().for_each(|p| out.extend(p.0.iter().map(|&v| high_byte(v)))),
-        DynamicImage::ImageRgba16(b) => b.pixels().for_each(|p| out.extend(p.0[..3].iter().map(|&v| high_byte(v)))),
+    let mut out = try_with_capacity(n * 3).with_context(|| format!("out of memory converting {w}x{h} to RGB"))?;
+    let s16 = |b: &[u8]| u16::from_ne_bytes([b[0], b[1]]);
+    match color {
+        ColorType::Rgba8 => raw.chunks_exact(4).for_each(|p| out.extend_from_slice(&p[..3])),
+        ColorType::L8 => raw.iter().for_each(|&v| out.extend_from_slice(&[v; 3])),
+        ColorType::La8 => raw.chunks_exact(2).for_each(|p| out.extend_from_slice(&[p[0]; 3])),
+        ColorType::Rgb16 => raw.chunks_exact(2).for_each(|s| out.push(high_byte(s16(s)))),
+        ColorType::Rgba16 => raw.chunks_exact(8).for_each(|p| out.extend((0..3).map(|c| high_byte(s16(&p[2 * c..]))))),
         // 16-bit grey PNG (PIL `I;16`): clipped, see the module docs.
-        DynamicImage::ImageLuma16(b) => b.pixels().for_each(|p| out.extend_from_slice(&[clip_u16(p.0[0]); 3])),
-        DynamicImage::ImageLumaA16(b) => {
+        ColorType::L16 => raw.chunks_exact(2).for_each(|s| out.extend_from_slice(&[clip_u16(s16(s)); 3])),
+        ColorType::La16 => {
             let conv = if gray16_png { clip_u16 } else { high_byte };
-            b.pixels().for_each(|p| out.extend_from_slice(&[conv(p.0[0]); 3]))
+            raw.chunks_exact(4).for_each(|p| out.extend_from_slice(&[conv(s16(p)); 3]))
         }
-        other => bail!("unsupported pixel format {:?}", other.color()),
+        other => bail!("unsupported pixel format {other:?}"),
     }
     RgbImage::from_raw(w, h, out).context("internal error: RGB buffer size")
 }

@@ -126,6 +126,12 @@ impl GenerationConfig {
         }
     }
 
+    /// KV cache cells an answer may take beyond its prompt: every step adds one cell per live sequence, and beams
+    /// that diverge from the first step keep all of theirs (`num_beams x max_new_tokens`).
+    pub fn answer_cells(&self) -> usize {
+        self.num_beams.max(1).saturating_mul(self.max_new_tokens.unwrap_or(self.max_length))
+    }
+
     /// `min_tokens_to_keep` of the sampling warpers: 1 without beams, `nE + 1` with beams (2 without EOS).
     pub fn min_tokens_to_keep(&self) -> usize {
         if self.num_beams > 1 {

@@ -1,38 +1,37 @@
 //! `asagi-gguf serve`: an HTTP server with an OpenAI-style API (`POST /v1/chat/completions`, `GET /v1/models`,
-//! `GET /health`). Images come as `image_url` parts holding data URLs (or local paths with `--allow-paths`).
-//! One model, one KV cache: requests are answered one at a time, and each reuses what the cache holds of the
-//! previous conversation (see `prompt`). Decoding defaults to the model card's; request fields override it.
+//! `GET /health`, `GET /stats`). Images come as `image_url` parts holding data URLs (or, with `--allow-paths
+//! DIR`, files under DIR). Decoding defaults to the model card's; request fields override it.
+//!
+//! The rooms: `http` (axum/hyper on tokio: connections, limits, access, streaming), `api` (request and response
+//! types, validation), `engine` (one thread that owns the model and batches the running conversations), and
+//! what the engine uses (`prompt`, `stop`), `local_file` (confined file reading).
 
+pub mod api;
+mod engine;
+mod http;
+pub mod local_file;
 mod prompt;
-mod request;
+mod stop;
 
-use std::io::Read;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{anyhow, Context as _, Result};
-use serde_json::{json, Value};
-use tiny_http::{Header, Method, Response, Server};
+use anyhow::{bail, Context as _, Result};
 
-use crate::generate::{self, Generated};
-use crate::llm::Session;
 use crate::load::{Loaded, ModelArgs};
-use crate::multimodal;
+use crate::llm::MAX_SEQ;
+use crate::preprocess::{ImageLimits, PreprocessConfig};
 use crate::run_cmd::DecodingArgs;
 use crate::tokenizer::Tokenizer;
 use crate::vision::VisionEncoder;
-use prompt::Item;
-use request::{BadRequest, ChatRequest};
-
-/// Largest request body accepted (images come base64-encoded inside it).
-const MAX_BODY: u64 = 64 << 20;
+use engine::{Engine, Stats};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub load: ModelArgs,
-    /// Address to listen on.
+    /// Address to listen on. Anything but loopback exposes the API to the network: set --api-key.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
     #[arg(long, default_value_t = 8080)]
@@ -40,319 +39,165 @@ pub struct ServeArgs {
     /// Tokens per answer when the request does not say (`max_tokens`).
     #[arg(short = 'n', long, default_value_t = 256)]
     pub n_predict: usize,
-    /// Let `image_url` name files on this machine (off: only data URLs).
+    /// Conversations answered at once, decoded together in one batch per step. They share the KV cache
+    /// (-c cells in all); each may use up to 64/N beams (at most 16).
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Requests that may wait for a slot; beyond that the server answers 503 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
+    /// Require `Authorization: Bearer KEY` on the API (not on /health).
     #[arg(long)]
-    pub allow_paths: bool,
+    pub api_key: Option<String>,
+    /// Let web pages from this origin call the API (repeatable; `*` for any). Off by default: a page the user
+    /// happens to open cannot use the server.
+    #[arg(long = "cors-origin")]
+    pub cors_origins: Vec<String>,
+    /// Let `image_url` name files under this directory (only regular files, after resolving symlinks).
+    #[arg(long)]
+    pub allow_paths: Option<PathBuf>,
+    /// Largest request body in MiB (images come base64-encoded inside it).
+    #[arg(long, default_value_t = 64)]
+    pub max_body_mb: usize,
+    /// Largest request head (request line and headers) in bytes (at least 8192).
+    #[arg(long, default_value_t = 65536)]
+    pub max_header_bytes: usize,
+    /// Seconds a client may take to send a request's head (also the idle time of a kept-alive connection).
+    #[arg(long, default_value_t = 15)]
+    pub header_timeout: u64,
+    /// Seconds a client may take to send a request's body.
+    #[arg(long, default_value_t = 60)]
+    pub body_timeout: u64,
+    /// Open connections at most; more are answered 503 and closed.
+    #[arg(long, default_value_t = 256)]
+    pub max_connections: usize,
+    /// Largest encoded image in MiB.
+    #[arg(long, default_value_t = 20)]
+    pub max_image_mb: usize,
+    /// Images per request at most.
+    #[arg(long, default_value_t = 8)]
+    pub max_images: usize,
+    /// Most pixels in an image (PIL's MAX_IMAGE_PIXELS by default).
+    #[arg(long, default_value_t = crate::preprocess::MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
+    /// Working memory for decoding and resizing one image, in MiB (checked from the image header).
+    #[arg(long, default_value_t = 1024)]
+    pub max_image_work_mb: u64,
+    /// Message text per request at most, in KiB (checked before tokenizing).
+    #[arg(long, default_value_t = 256)]
+    pub max_text_kb: usize,
     /// Decoding defaults for requests that do not set a field.
     #[command(flatten)]
     pub decoding: DecodingArgs,
 }
 
-/// The model side: everything a request needs, and what the cache holds.
-struct Engine<'a> {
-    tok: &'a Tokenizer,
-    session: Session<'a>,
-    encoder: Option<VisionEncoder<'a>>,
-    /// Items in sequence 0 of the cache, in order.
-    cached: Vec<Item>,
-    name: String,
-}
-
-/// What a request produced.
-struct Answer {
-    seqs: Vec<Generated>,
-    prompt_tokens: usize,
-    cached_tokens: usize,
-    prompt_ms: f64,
-    gen_ms: f64,
+/// What the HTTP side knows of the loaded model.
+pub(crate) struct ModelInfo {
+    pub name: String,
+    pub tok: Tokenizer,
+    pub n_ctx: usize,
+    pub n_image_tokens: usize,
+    pub preprocess: Option<PreprocessConfig>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
-    let loaded = Loaded::open(&a.load, a.load.mmproj.is_some())?;
-    let model = loaded.model()?;
-    let vmodel = loaded.vision(&model)?;
-    let backends = loaded.backends();
-    let session = loaded.session(&model, &backends)?;
-    let encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
-    let name = a.load.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "asagi".into());
-    let mut engine = Engine { tok: &loaded.tok, session, encoder, cached: Vec::new(), name };
-
-    let addr = format!("{}:{}", a.host, a.port);
-    let server = Server::http(&addr).map_err(|e| anyhow!("cannot listen on {addr}: {e}"))?;
-    for line in loaded.placement_summary() {
-        eprintln!("{line}");
+    if a.parallel == 0 || a.parallel > MAX_SEQ {
+        bail!("--parallel {}: between 1 and {MAX_SEQ}", a.parallel);
     }
-    eprintln!("listening on http://{addr} (POST /v1/chat/completions, GET /v1/models, GET /health)");
-    for req in server.incoming_requests() {
-        let t = Instant::now();
-        let (method, url) = (req.method().clone(), req.url().to_string());
-        let status = handle(&mut engine, &a, req);
-        eprintln!("{method} {url} -> {status} ({:.0} ms)", t.elapsed().as_secs_f64() * 1e3);
+    // Each slot owns `width` sequences of the cache (sequences are bits of a u64).
+    let width = (MAX_SEQ / a.parallel).min(16);
+    let beams = if a.decoding.greedy { 1 } else { a.decoding.num_beams };
+    if beams > width {
+        bail!("--num-beams {beams} with --parallel {}: a slot holds at most {width} beams", a.parallel);
     }
-    Ok(())
-}
-
-fn header(name: &str, value: &str) -> Header {
-    Header::from_bytes(name, value).expect("static header")
-}
-
-/// Browser front ends call the API from another origin: every answer allows it (as llama.cpp's server does).
-fn cors() -> Vec<Header> {
-    vec![
-        header("Access-Control-Allow-Origin", "*"),
-        header("Access-Control-Allow-Headers", "Content-Type, Authorization"),
-        header("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
-    ]
-}
-
-fn json_response(status: u16, v: &Value) -> Response<std::io::Cursor<Vec<u8>>> {
-    let mut r = Response::from_data(v.to_string().into_bytes())
-        .with_status_code(status)
-        .with_header(header("Content-Type", "application/json"));
-    for h in cors() {
-        r.add_header(h);
+    if a.max_header_bytes < 8192 {
+        bail!("--max-header-bytes: at least 8192");
     }
-    r
-}
+    if a.queue == 0 {
+        bail!("--queue: at least 1");
+    }
+    let allowed = a.allow_paths.as_deref().map(local_file::AllowedDir::new).transpose()?;
 
-fn error_body(kind: &str, msg: &str) -> Value {
-    json!({"error": {"message": msg, "type": kind}})
-}
-
-/// Answers one request; returns the status sent.
-fn handle(engine: &mut Engine<'_>, a: &ServeArgs, mut req: tiny_http::Request) -> u16 {
-    let path = req.url().split('?').next().unwrap_or("").to_string();
-    let (status, body) = match (req.method(), path.as_str()) {
-        (Method::Options, _) => {
-            // A CORS preflight.
-            let mut r = Response::empty(204);
-            for h in cors() {
-                r.add_header(h);
-            }
-            let _ = req.respond(r);
-            return 204;
-        }
-        (Method::Get, "/health") => (200, json!({"status": "ok"})),
-        (Method::Get, "/v1/models") => {
-            (200, json!({"object": "list", "data": [{"id": engine.name, "object": "model", "owned_by": "asagi-gguf"}]}))
-        }
-        (Method::Post, "/v1/chat/completions") => {
-            let mut body = Vec::new();
-            let read = req.as_reader().take(MAX_BODY + 1).read_to_end(&mut body);
-            if read.is_err() || body.len() as u64 > MAX_BODY {
-                (400, error_body("invalid_request_error", "the body could not be read or is over 64 MiB"))
-            } else {
-                match request::parse(&body, &a.decoding, a.n_predict, a.allow_paths) {
-                    Err(BadRequest(m)) => (400, error_body("invalid_request_error", &m)),
-                    Ok(r) if r.stream => return stream(engine, r, req),
-                    Ok(r) => match complete(engine, &r, &AtomicBool::new(false), |_| Ok(())) {
-                        Ok(ans) => (200, completion_body(engine, &ans)),
-                        Err(e) => failure(&e),
-                    },
+    // The engine thread opens the model (its models borrow the loaded files) and owns it from then on.
+    let stats = Arc::new(Stats::default());
+    let (job_tx, job_rx) = tokio::sync::mpsc::channel(a.queue);
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<ModelInfo>>(1);
+    let (load, parallel, engine_stats) = (a.load.clone(), a.parallel, stats.clone());
+    std::thread::Builder::new()
+        .name("engine".into())
+        .spawn(move || {
+            let result = (|| -> Result<()> {
+                let loaded = Loaded::open(&load, load.mmproj.is_some())?;
+                // The HTTP side tokenizes requests with its own copy (tokenizing is not the engine's work).
+                let tok = Tokenizer::from_gguf(&loaded.llm)?.0;
+                let model = loaded.model()?;
+                let vmodel = loaded.vision(&model)?;
+                let backends = loaded.backends();
+                let session = loaded.session(&model, &backends)?;
+                let encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
+                for line in loaded.placement_summary() {
+                    eprintln!("{line}");
                 }
+                let name = load.model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or("asagi".into());
+                let info = ModelInfo {
+                    name,
+                    tok,
+                    n_ctx: session.cache.n_cells(),
+                    n_image_tokens: encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens()),
+                    preprocess: encoder.as_ref().map(|e| e.model.hp.preprocess.clone()),
+                };
+                let engine = Engine::new(&loaded.tok, session, encoder, parallel, width, engine_stats);
+                if ready_tx.send(Ok(info)).is_ok() {
+                    engine.run(job_rx);
+                }
+                Ok(())
+            })();
+            if let Err(e) = result {
+                let _ = ready_tx.send(Err(e));
             }
-        }
-        _ => (404, error_body("not_found", &format!("no route {} {path}", req.method()))),
-    };
-    let _ = req.respond(json_response(status, &body));
-    status
-}
-
-/// 400 for what the request got wrong (a bad image, too long for the context), 500 otherwise.
-fn failure(e: &anyhow::Error) -> (u16, Value) {
-    let msg = format!("{e:#}");
-    if e.chain().any(|c| c.is::<BadRequest>()) {
-        (400, error_body("invalid_request_error", &msg))
-    } else {
-        (500, error_body("server_error", &msg))
-    }
-}
-
-fn now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
-}
-
-fn finish_reason(g: &Generated) -> &'static str {
-    if g.eos.is_some() {
-        "stop"
-    } else {
-        "length"
-    }
-}
-
-fn completion_body(engine: &Engine<'_>, ans: &Answer) -> Value {
-    let choices: Vec<Value> = ans
-        .seqs
-        .iter()
-        .enumerate()
-        .map(|(i, g)| {
-            json!({"index": i, "finish_reason": finish_reason(g),
-                "message": {"role": "assistant", "content": engine.tok.decode(&g.tokens, true).unwrap_or_default()}})
         })
-        .collect();
-    let completion = ans.seqs.first().map_or(0, |g| g.tokens.len());
-    json!({
-        "id": format!("chatcmpl-{}", now()), "object": "chat.completion", "created": now(), "model": engine.name,
-        "choices": choices,
-        "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": completion,
-            "total_tokens": ans.prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": ans.cached_tokens}},
-        "timings": {"prompt_ms": ans.prompt_ms, "predicted_ms": ans.gen_ms}
-    })
-}
+        .context("starting the engine thread")?;
+    let info = ready_rx.recv().context("the engine thread ended while loading")??;
 
-/// Server-sent events: a chunk per piece of text as it becomes final, then the finish reason, then `[DONE]`.
-/// The response is written by another thread from a channel; if the client goes away, generation stops.
-fn stream(engine: &mut Engine<'_>, r: ChatRequest, req: tiny_http::Request) -> u16 {
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
-    let mut headers = vec![header("Content-Type", "text/event-stream"), header("Cache-Control", "no-cache")];
-    headers.extend(cors());
-    let writer = std::thread::spawn(move || {
-        let _ =
-            req.respond(Response::new(200.into(), headers, ChannelReader { rx, buf: Vec::new(), pos: 0 }, None, None));
-    });
-    let (id, created, name) = (format!("chatcmpl-{}", now()), now(), engine.name.clone());
-    let chunk = |delta: Value, finish: Option<&str>| {
-        let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        format!("data: {c}\n\n").into_bytes()
+    let image_limits = ImageLimits {
+        max_pixels: a.max_image_pixels,
+        max_bytes: a.max_image_work_mb << 20,
+        ..ImageLimits::default()
     };
-    let gone = AtomicBool::new(false);
-    let _ = tx.send(chunk(json!({"role": "assistant", "content": ""}), None));
-    let tok = engine.tok;
-    let mut text = tok.stream(true);
-    let result = complete(engine, &r, &gone, |id| {
-        let piece = text.push(id)?;
-        if !piece.is_empty() && tx.send(chunk(json!({"content": piece}), None)).is_err() {
-            gone.store(true, Ordering::Relaxed);
-        }
-        Ok(())
-    });
-    let status = match result {
-        Ok(ans) => {
-            let reason = ans.seqs.first().map_or("stop", finish_reason);
-            let _ = tx.send(chunk(json!({}), Some(reason)));
-            200
-        }
-        Err(e) => {
-            let _ = tx.send(format!("data: {}\n\n", error_body("server_error", &format!("{e:#}"))).into_bytes());
-            500
-        }
+    let limits = api::RequestLimits {
+        max_text_bytes: a.max_text_kb << 10,
+        max_images: a.max_images,
+        max_image_bytes: a.max_image_mb << 20,
+        max_messages: 1024,
+        max_beams: width,
+        n_ctx: info.n_ctx,
+        allow_paths: allowed.is_some(),
     };
-    let _ = tx.send(b"data: [DONE]\n\n".to_vec());
-    drop(tx);
-    let _ = writer.join();
-    status
-}
-
-/// The response body of a stream: what the generating thread sends, until it hangs up.
-struct ChannelReader {
-    rx: mpsc::Receiver<Vec<u8>>,
-    buf: Vec<u8>,
-    pos: usize,
-}
-
-impl Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(b) => (self.buf, self.pos) = (b, 0),
-                Err(_) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buf.len() - self.pos);
-        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-        self.pos += n;
-        Ok(n)
-    }
-}
-
-/// Prefills what the cache lacks of the request's conversation, then generates. On error the cache is emptied
-/// (the next request starts from scratch).
-fn complete(
-    engine: &mut Engine<'_>,
-    r: &ChatRequest,
-    stop: &AtomicBool,
-    on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<Answer> {
-    let result = complete_inner(engine, r, stop, on_token);
-    if result.is_err() {
-        engine.session.cache.clear();
-        engine.cached.clear();
-    }
-    result
-}
-
-fn complete_inner(
-    engine: &mut Engine<'_>,
-    r: &ChatRequest,
-    stop: &AtomicBool,
-    on_token: impl FnMut(u32) -> Result<()>,
-) -> Result<Answer> {
-    let tok = engine.tok;
-    let p = prompt::build(tok, &r.messages)?;
-    let has_images = p.items.iter().any(|i| matches!(i, Item::Image(_)));
-    let n_img_tokens = match (&engine.encoder, has_images) {
-        (_, false) => 0,
-        (None, true) => return Err(BadRequest("images need the server to be started with --mmproj".into()).into()),
-        (Some(e), true) => e.model.hp.n_image_tokens(),
+    let conf = http::Config {
+        host: a.host.clone(),
+        port: a.port,
+        api_key: a.api_key.clone(),
+        cors_origins: a.cors_origins.clone(),
+        max_body: a.max_body_mb << 20,
+        max_header_bytes: a.max_header_bytes,
+        header_timeout: Duration::from_secs(a.header_timeout.max(1)),
+        body_timeout: Duration::from_secs(a.body_timeout.max(1)),
+        max_connections: a.max_connections.max(1),
+        n_predict: a.n_predict,
+        decoding: a.decoding.clone(),
+        limits,
+        image_limits,
+        allowed,
     };
-    let n_ctx = engine.session.cache.n_cells();
-    let n_positions = prompt::positions(&p.items, n_img_tokens);
-    if n_positions + r.max_tokens > n_ctx {
-        return Err(BadRequest(format!(
-            "the conversation ({n_positions} positions) + max_tokens {} exceed the context of {n_ctx} tokens",
-            r.max_tokens
-        ))
-        .into());
-    }
-
-    // Keep the common prefix, cut the rest.
-    let keep = prompt::reusable(&engine.cached, &p.items);
-    let pos0 = prompt::positions(&p.items[..keep], n_img_tokens) as i32;
-    engine.session.cache.reorder(&[0]);
-    engine.session.cache.seq_truncate(0, pos0);
-    engine.cached.truncate(keep);
-
-    // Encode the images of the new part only.
-    let t = Instant::now();
-    let images: Vec<&request::Image> = r
-        .messages
-        .iter()
-        .flat_map(|m| match m {
-            request::Message::User { images, .. } => images.iter().collect::<Vec<_>>(),
-            request::Message::Assistant { .. } => Vec::new(),
-        })
-        .collect();
-    let n_images_kept = p.items[..keep].iter().filter(|i| matches!(i, Item::Image(_))).count();
-    let embeddings = match engine.encoder.as_mut() {
-        Some(enc) => images[n_images_kept..]
-            .iter()
-            .map(|im| {
-                enc.encode_bytes(&im.bytes, &im.name).map_err(|e| anyhow::Error::new(BadRequest(format!("{e:#}"))))
-            })
-            .collect::<Result<Vec<_>>>()?,
-        None => Vec::new(),
-    };
-    // A literal "<image>" typed in a message makes one more image token than images sent.
-    let segs = multimodal::segments(&p.ids[keep..], tok.image, &embeddings)
-        .map_err(|e| anyhow::Error::new(BadRequest(format!("messages: {e:#}"))))?;
-    let (logits, pos) = multimodal::prefill_at(&mut engine.session, &segs, 0, pos0, false)?;
-    let prompt_ms = t.elapsed().as_secs_f64() * 1e3;
-
-    let mut cfg = r.decoding.config(r.max_tokens, &tok.eog);
-    cfg.num_return_sequences = r.n;
-    if cfg.do_sample && cfg.seed.is_none() {
-        cfg.seed = Some(crate::sampling::SamplingRng::clock_seed());
-    }
-    let t = Instant::now();
-    let seqs = generate::generate(&mut engine.session, &cfg, &p.ids, logits, pos, stop, on_token)?;
-    let gen_ms = t.elapsed().as_secs_f64() * 1e3;
-    let best = &seqs[0].tokens;
-    if cfg.num_beams > 1 {
-        generate::keep_sequence(&mut engine.session, pos, best).context("keeping the answer in the cache")?;
-    }
-    engine.cached = p.items.clone();
-    engine.cached.extend(best.iter().map(|&t| Item::Token(t)));
-    Ok(Answer { seqs, prompt_tokens: n_positions, cached_tokens: pos0 as usize, prompt_ms, gen_ms })
+    eprintln!(
+        "{} slots x {width} sequences, context {} cells shared, queue {}",
+        a.parallel, info.n_ctx, a.queue
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(http::serve(conf, info, job_tx, stats))
 }

@@ -1,21 +1,21 @@
 //! A request's conversation as model input, and what of it the KV cache already holds. Chat clients send the
-//! whole conversation with every request; the server keeps the previous request's prompt and answer in sequence 0
-//! of the cache and prefills only what differs after their common prefix (llama.cpp's server does the same), so
+//! whole conversation with every request; the engine keeps earlier conversations' prompts and answers in its
+//! slots and prefills only what differs after the longest common prefix (llama.cpp's server does the same), so
 //! a follow-up about an image does not encode or prefill the image again.
-
-use std::hash::{Hash, Hasher};
 
 use anyhow::Result;
 
-use super::request::Message;
+use super::api::Message;
 use crate::chat::turn_ids;
 use crate::tokenizer::Tokenizer;
 
-/// One cache entry of a prompt: a token, or a whole image (its hash), which takes `n_image_tokens` positions.
+/// One cache entry of a prompt: a token, or a whole image, which takes `n_image_tokens` positions. An image is
+/// known by the blake3 hash of its decoded pixels: the same picture sent as PNG or as another file is the same
+/// image, and no crafted collision can make one client's image stand for another's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Item {
     Token(u32),
-    Image(u64),
+    Image([u8; 32]),
 }
 
 /// The request's prompt: HF `input_ids` (one `<image>` id per image; what the repetition penalty sees) and the
@@ -25,27 +25,18 @@ pub struct Prompt {
     pub items: Vec<Item>,
 }
 
-pub fn image_hash(bytes: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
-}
-
 /// The conversation in Asagi's template: the first user message with BOS and the full template, each answer as
-/// it continues the text, each later question in the follow-up template (as `chat` builds it).
-pub fn build(tok: &Tokenizer, messages: &[Message]) -> Result<Prompt> {
+/// it continues the text, each later question in the follow-up template (as `chat` builds it). `hashes`: the
+/// identity of each image of the conversation, in order.
+pub fn build(tok: &Tokenizer, messages: &[Message], hashes: &[[u8; 32]]) -> Result<Prompt> {
     let mut ids = Vec::new();
-    let mut hashes = Vec::new();
     for (i, m) in messages.iter().enumerate() {
         match m {
-            Message::User { text, images } => {
-                ids.extend(turn_ids(tok, i == 0, text, images.len())?);
-                hashes.extend(images.iter().map(|im| image_hash(&im.bytes)));
-            }
+            Message::User { text, images } => ids.extend(turn_ids(tok, i == 0, text, images.len())?),
             Message::Assistant { text } => ids.extend(tok.encode_continuation(text)?),
         }
     }
-    let mut next_image = hashes.into_iter();
+    let mut next_image = hashes.iter().copied();
     let items = ids
         .iter()
         .map(|&id| match (Some(id) == tok.image).then(|| next_image.next()).flatten() {
@@ -75,9 +66,9 @@ mod tests {
     #[test]
     fn reuse_stops_at_the_first_difference_and_before_the_end() {
         use Item::*;
-        let a = [Token(1), Image(7), Token(2), Token(3)];
-        assert_eq!(reusable(&a, &[Token(1), Image(7), Token(2), Token(4), Token(5)]), 3);
-        assert_eq!(reusable(&a, &[Token(1), Image(8), Token(2)]), 1, "another image is not reused");
+        let a = [Token(1), Image([7; 32]), Token(2), Token(3)];
+        assert_eq!(reusable(&a, &[Token(1), Image([7; 32]), Token(2), Token(4), Token(5)]), 3);
+        assert_eq!(reusable(&a, &[Token(1), Image([8; 32]), Token(2)]), 1, "another image is not reused");
         assert_eq!(reusable(&a, &a), 3, "the same prompt recomputes its last position");
         assert_eq!(reusable(&[], &a), 0);
         assert_eq!(positions(&a, 10), 13);

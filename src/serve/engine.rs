@@ -1,0 +1,714 @@
+//! The inference engine of `serve`: one thread owns the model, the vision encoder and the KV cache, and runs the
+//! conversations of up to `--parallel` slots together (continuous batching, as llama.cpp's server does):
+//!
+//! - Every step decodes the next token of every generating slot in ONE batch (each slot its own sequences of
+//!   the shared cache; a beam search is several sequences), and the next chunk of one slot's prompt joins the
+//!   same batch, so a new request starts while the others go on and a finished one leaves at once.
+//! - Slot `i` owns sequences `i*width .. (i+1)*width` of the cache. After an answer the slot keeps its
+//!   conversation's cells (sequence `i*width`); a new request goes to the idle slot whose cells share the
+//!   longest prefix with it, and a prefix held by another slot is shared cell by cell (`seq_cp_prefix`: no
+//!   K/V data is copied or recomputed). Prefixes never end part way into an image.
+//! - A request is admitted only when the cache can hold its whole answer next to the answers already running
+//!   (prompt + beams x max_tokens each); idle slots' cells are given up, least recently used first, to make room.
+//! - Decisions per token are `generate::Decoder`'s, the same as `run` and `chat`, so an answer does not depend on
+//!   which other requests shared its batches.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use tokio::sync::mpsc;
+
+use super::prompt::{self, Item, Prompt};
+use super::stop::{truncate_at_stop, StopMatcher};
+use crate::generate::{Decoder, Generated};
+use crate::llm::{Batch, Input, Session};
+use crate::sampling::GenerationConfig;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::vision::{ImageEmbedding, VisionEncoder};
+
+/// A preprocessed image: HF's `pixel_values` and the identity of its decoded pixels.
+pub struct PreparedImage {
+    pub hash: [u8; 32],
+    pub pixels: Vec<f32>,
+}
+
+/// A validated request, ready to run.
+pub struct Job {
+    pub prompt: Prompt,
+    /// One per `Item::Image` of the prompt, in order.
+    pub images: Vec<PreparedImage>,
+    pub cfg: GenerationConfig,
+    pub stops: Vec<String>,
+    pub stream: bool,
+    /// OpenAI's `user`: cached-token counts are reported only for prefixes this user's requests made.
+    pub owner: Option<String>,
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+/// What the engine tells the request's handler.
+pub enum Event {
+    /// Text of the first answer that became final (only when streaming).
+    Delta(String),
+    Done(Box<Finished>),
+    /// The request failed on the server's side (HTTP 500).
+    Error(String),
+}
+
+pub struct Choice {
+    pub text: String,
+    /// `stop` (an end token or a stop string) or `length`.
+    pub finish_reason: &'static str,
+}
+
+pub struct Finished {
+    pub choices: Vec<Choice>,
+    pub usage: Usage,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    /// Positions of the prompt (an image counts its image tokens).
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt positions taken from the cache; `None` when they came from another user's requests.
+    pub cached_tokens: Option<usize>,
+    /// Prompt positions computed for this request.
+    pub prefilled_tokens: usize,
+    pub images_encoded: usize,
+    pub image_encode_ms: f64,
+    /// From admission to the first generated token (image encoding and prefill).
+    pub prompt_ms: f64,
+    pub predicted_ms: f64,
+    /// Waiting for a slot.
+    pub queued_ms: f64,
+}
+
+/// Counters the HTTP side reads (`/health`, `/stats`).
+#[derive(Default)]
+pub struct Stats {
+    pub slots: AtomicUsize,
+    pub busy: AtomicUsize,
+    /// Requests waiting for a slot (in the queue or held by the engine).
+    pub queued: AtomicUsize,
+    pub steps: AtomicU64,
+    /// Steps whose batch held the tokens of two or more requests.
+    pub shared_steps: AtomicU64,
+    /// Most requests, and most rows, in one step's batch.
+    pub max_requests_per_step: AtomicUsize,
+    pub max_rows_per_step: AtomicUsize,
+    pub tokens_generated: AtomicU64,
+    pub prompt_positions_computed: AtomicU64,
+    pub prompt_positions_reused: AtomicU64,
+    pub completed: AtomicU64,
+    pub cancelled: AtomicU64,
+    pub failed: AtomicU64,
+    /// Requests answered 503 because the queue was full (counted by the HTTP side).
+    pub rejected_busy: AtomicU64,
+}
+
+impl Stats {
+    pub fn to_json(&self) -> serde_json::Value {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let u = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        serde_json::json!({
+            "slots": u(&self.slots), "slots_busy": u(&self.busy), "queued": u(&self.queued),
+            "steps": g(&self.steps), "shared_steps": g(&self.shared_steps),
+            "max_requests_per_step": u(&self.max_requests_per_step), "max_rows_per_step": u(&self.max_rows_per_step),
+            "tokens_generated": g(&self.tokens_generated),
+            "prompt_positions_computed": g(&self.prompt_positions_computed),
+            "prompt_positions_reused": g(&self.prompt_positions_reused),
+            "completed": g(&self.completed), "cancelled": g(&self.cancelled), "failed": g(&self.failed),
+            "rejected_busy": g(&self.rejected_busy),
+        })
+    }
+}
+
+/// What remains of a prompt to compute.
+enum Pending {
+    Tokens(VecDeque<u32>),
+    Image { emb: ImageEmbedding, hash: [u8; 32], done: usize },
+}
+
+impl Pending {
+    fn positions(&self) -> usize {
+        match self {
+            Pending::Tokens(t) => t.len(),
+            Pending::Image { emb, done, .. } => emb.n_tokens - done,
+        }
+    }
+}
+
+/// A request being answered in a slot.
+struct Task<'m> {
+    job: Job,
+    /// Next position of the slot's sequences.
+    pos: i32,
+    pending: VecDeque<Pending>,
+    /// Set once the prompt is computed.
+    decoder: Option<Decoder>,
+    /// The tokens to feed next, one per live sequence.
+    feed: Vec<u32>,
+    text: StreamDecoder<'m>,
+    stop: StopMatcher,
+    /// Text of the first answer released so far.
+    released: String,
+    usage: Usage,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    max_new: usize,
+}
+
+impl Task<'_> {
+    /// Cells this task may still claim: the rest of its prompt, and one per sequence per token to come.
+    fn reserve(&self) -> usize {
+        let prompt: usize = self.pending.iter().map(Pending::positions).sum();
+        let (seqs, steps) = match &self.decoder {
+            Some(d) => (d.n_seqs(), d.steps()),
+            None => (self.job.cfg.num_beams.max(1), 0),
+        };
+        prompt + seqs * self.max_new.saturating_sub(steps)
+    }
+}
+
+struct Slot<'m> {
+    /// First sequence of the slot; it holds the cached conversation.
+    base: usize,
+    /// What sequence `base` holds, in order.
+    items: Vec<Item>,
+    /// The `user` of the request that made `items`.
+    owner: Option<String>,
+    last_used: u64,
+    task: Option<Task<'m>>,
+}
+
+pub struct Engine<'m> {
+    tok: &'m Tokenizer,
+    session: Session<'m>,
+    encoder: Option<VisionEncoder<'m>>,
+    n_image_tokens: usize,
+    slots: Vec<Slot<'m>>,
+    /// Sequences per slot (the most beams a request may use).
+    width: usize,
+    stats: Arc<Stats>,
+    tick: u64,
+}
+
+/// Why a task ends.
+enum End {
+    /// The decoder finished (an end token or the length limit) or a stop string was found.
+    Natural,
+    /// The client went away.
+    Cancelled,
+    Failed(String),
+}
+
+impl<'m> Engine<'m> {
+    pub fn new(
+        tok: &'m Tokenizer,
+        session: Session<'m>,
+        encoder: Option<VisionEncoder<'m>>,
+        parallel: usize,
+        width: usize,
+        stats: Arc<Stats>,
+    ) -> Engine<'m> {
+        let n_image_tokens = encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens());
+        let slots = (0..parallel)
+            .map(|i| Slot { base: i * width, items: Vec::new(), owner: None, last_used: 0, task: None })
+            .collect();
+        stats.slots.store(parallel, Ordering::Relaxed);
+        Engine { tok, session, encoder, n_image_tokens, slots, width, stats, tick: 0 }
+    }
+
+    /// Serves jobs until every sender is gone.
+    pub fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+        let mut waiting: Option<Job> = None;
+        loop {
+            // Take work: block when idle, else look without waiting, and only when a slot is free (a job stays in
+            // the bounded queue until it can start, so the queue's bound is what clients see).
+            let free = self.slots.iter().any(|s| s.task.is_none());
+            if waiting.is_none() && free {
+                let idle = self.slots.iter().all(|s| s.task.is_none());
+                waiting = if idle {
+                    match jobs.blocking_recv() {
+                        Some(j) => Some(j),
+                        None => return,
+                    }
+                } else {
+                    jobs.try_recv().ok()
+                };
+            }
+            // Admit as many as fit; a job that does not fit yet waits (the queue behind it stays bounded).
+            while let Some(job) = waiting.take() {
+                if job.events.is_closed() {
+                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(job) = self.guarded(|e| e.admit(job)) {
+                    if self.slots.iter().all(|s| s.task.is_none()) {
+                        // Nothing runs that could make room: it can never fit (the HTTP side checks the context,
+                        // so this is a bug, reported rather than waited on forever).
+                        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                        let _ = job.events.send(Event::Error("the request does not fit the KV cache".into()));
+                    } else {
+                        waiting = Some(job);
+                        break;
+                    }
+                }
+                if self.slots.iter().any(|s| s.task.is_none()) {
+                    waiting = jobs.try_recv().ok();
+                }
+            }
+            self.cancel_gone();
+            if self.slots.iter().any(|s| s.task.is_some()) {
+                self.guarded(|e| {
+                    if let Err(e2) = e.step() {
+                        e.fail_all(&format!("{e2:#}"));
+                    }
+                    None
+                });
+            }
+        }
+    }
+
+    /// Runs `f`; a panic inside fails every running request (their handlers answer 500) and empties the cache,
+    /// and the engine goes on.
+    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> Option<Job>) -> Option<Job> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(r) => r,
+            Err(p) => {
+                let msg = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                eprintln!("engine: internal error: {}", msg.escape_debug());
+                self.fail_all("internal error");
+                self.session.cache.clear();
+                for s in &mut self.slots {
+                    s.items.clear();
+                }
+                None
+            }
+        }
+    }
+
+    fn fail_all(&mut self, msg: &str) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].task.is_some() {
+                self.end(i, End::Failed(msg.to_string()));
+            }
+        }
+    }
+
+    fn cancel_gone(&mut self) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].task.as_ref().is_some_and(|t| t.job.events.is_closed()) {
+                self.end(i, End::Cancelled);
+            }
+        }
+    }
+
+    /// Starts `job` in a slot, or gives it back when no slot is free or the cache cannot hold it yet.
+    fn admit(&mut self, job: Job) -> Option<Job> {
+        let Some(_) = self.slots.iter().position(|s| s.task.is_none()) else { return Some(job) };
+        let items = &job.prompt.items;
+        // The idle slot to run in: the longest own prefix, then the least recently used.
+        let target = (0..self.slots.len())
+            .filter(|&i| self.slots[i].task.is_none())
+            .max_by_key(|&i| (prompt::reusable(&self.slots[i].items, items), std::cmp::Reverse(self.slots[i].last_used)))
+            .expect("a free slot");
+        // The longest prefix any slot holds (shared without copying K/V data).
+        let source = (0..self.slots.len())
+            .max_by_key(|&i| (prompt::reusable(&self.slots[i].items, items), i == target))
+            .expect("slots");
+        let mut keep = prompt::reusable(&self.slots[source].items, items);
+        let mut source = source;
+
+        let total = prompt::positions(items, self.n_image_tokens);
+        let answer = job.cfg.answer_cells();
+        let reserved: usize = self.slots.iter().filter_map(|s| s.task.as_ref()).map(Task::reserve).sum();
+        // Cells the target's other content and idle slots can give back, least recently used first.
+        let mut idle: Vec<usize> =
+            (0..self.slots.len()).filter(|&i| self.slots[i].task.is_none() && i != target && i != source).collect();
+        idle.sort_by_key(|&i| self.slots[i].last_used);
+        let fits = |e: &Self, keep: usize| {
+            let need = total - prompt::positions(&items[..keep], e.n_image_tokens) + answer;
+            e.session.cache.n_free() >= reserved + need
+        };
+        // The target's cells beyond what is kept are released first.
+        let mut idle = idle.into_iter();
+        loop {
+            self.prepare_target(target, source, keep);
+            if fits(self, keep) {
+                break;
+            }
+            if let Some(i) = idle.next() {
+                self.evict(i);
+                continue;
+            }
+            if keep > 0 {
+                // Last resort: start from scratch (the source's cells stay its own).
+                keep = 0;
+                source = target;
+                continue;
+            }
+            // Even an empty start does not fit next to the running answers: wait for them.
+            return Some(job);
+        }
+
+        self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        self.stats.busy.fetch_add(1, Ordering::Relaxed);
+        let reused = prompt::positions(&items[..keep], self.n_image_tokens);
+        let cached_tokens = match (&job.owner, &self.slots[source].owner) {
+            (Some(a), Some(b)) if a == b => Some(reused),
+            _ if reused == 0 => Some(0),
+            _ => None,
+        };
+        self.stats.prompt_positions_reused.fetch_add(reused as u64, Ordering::Relaxed);
+        self.tick += 1;
+        let slot = &mut self.slots[target];
+        slot.items.truncate(keep);
+        slot.owner = job.owner.clone();
+        slot.last_used = self.tick;
+
+        // Encode the images of the part to compute (blocking this thread: ggml already uses every core).
+        let admitted = Instant::now();
+        let n_images_kept = items[..keep].iter().filter(|i| matches!(i, Item::Image(_))).count();
+        let mut pending = VecDeque::new();
+        let mut images = job.images.iter().skip(n_images_kept);
+        let mut n_encoded = 0;
+        let mut tokens = VecDeque::new();
+        let mut err = None;
+        for item in &items[keep..] {
+            match *item {
+                Item::Token(t) => tokens.push_back(t),
+                Item::Image(hash) => {
+                    if !tokens.is_empty() {
+                        pending.push_back(Pending::Tokens(std::mem::take(&mut tokens)));
+                    }
+                    let (Some(img), Some(enc)) = (images.next(), self.encoder.as_mut()) else {
+                        err = Some("an image without its pixels or without a vision encoder".to_string());
+                        break;
+                    };
+                    match enc.encode_pixels(&img.pixels, 1) {
+                        Ok(mut e) => {
+                            n_encoded += 1;
+                            pending.push_back(Pending::Image { emb: e.remove(0), hash, done: 0 })
+                        }
+                        Err(e) => {
+                            err = Some(format!("encoding an image: {e:#}"));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !tokens.is_empty() {
+            pending.push_back(Pending::Tokens(tokens));
+        }
+        let image_encode_ms = admitted.elapsed().as_secs_f64() * 1e3;
+        let max_new = job.cfg.max_new_tokens.unwrap_or(1);
+        let stop = StopMatcher::new(&job.stops);
+        let pos = reused as i32;
+        let task = Task {
+            pos,
+            pending,
+            decoder: None,
+            feed: Vec::new(),
+            text: self.tok.stream(true),
+            stop,
+            released: String::new(),
+            usage: Usage {
+                prompt_tokens: total,
+                cached_tokens,
+                prefilled_tokens: total - reused,
+                images_encoded: n_encoded,
+                image_encode_ms,
+                ..Usage::default()
+            },
+            admitted,
+            first_token: None,
+            max_new,
+            job,
+        };
+        self.slots[target].task = Some(task);
+        if let Some(e) = err {
+            self.end(target, End::Failed(e));
+        }
+        None
+    }
+
+    /// Makes the target slot's sequences hold exactly the first `keep` items of the new prompt: its own cells cut
+    /// back, or (when another slot holds a longer prefix) that slot's cells shared.
+    fn prepare_target(&mut self, target: usize, source: usize, keep: usize) {
+        let (tbase, sbase) = (self.slots[target].base, self.slots[source].base);
+        let kv = &mut self.session.cache;
+        for s in tbase + 1..tbase + self.width {
+            kv.seq_rm(s);
+        }
+        if source == target {
+            let keep_pos = prompt::positions(&self.slots[target].items[..keep], self.n_image_tokens);
+            kv.seq_truncate(tbase, keep_pos as i32);
+            self.slots[target].items.truncate(keep);
+        } else {
+            let keep_pos = prompt::positions(&self.slots[source].items[..keep], self.n_image_tokens);
+            kv.seq_cp_prefix(sbase, tbase, keep_pos as i32);
+            self.slots[target].items = self.slots[source].items[..keep].to_vec();
+        }
+    }
+
+    /// An idle slot gives up its cached conversation.
+    fn evict(&mut self, slot: usize) {
+        let base = self.slots[slot].base;
+        for s in base..base + self.width {
+            self.session.cache.seq_rm(s);
+        }
+        self.slots[slot].items.clear();
+        self.slots[slot].owner = None;
+    }
+
+    /// One batch: the next token of every generating slot, and one chunk of one slot's prompt.
+    fn step(&mut self) -> Result<()> {
+        let n_ubatch = self.session.n_ubatch();
+        let n_vocab = self.session.model.hp.n_vocab;
+        let (mut ids, mut pos, mut seq, mut want) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        // (slot, rows) of the generating slots, in batch order.
+        let mut generating = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            let Some(t) = &s.task else { continue };
+            if t.decoder.is_some() && !t.feed.is_empty() {
+                for (k, &id) in t.feed.iter().enumerate() {
+                    ids.push(id);
+                    pos.push(t.pos);
+                    seq.push(s.base + k);
+                    want.push(true);
+                }
+                generating.push((i, t.feed.len()));
+            }
+        }
+        // The prompt chunk: the slot admitted first among those still prefilling.
+        let prefilling = (0..self.slots.len())
+            .filter(|&i| self.slots[i].task.as_ref().is_some_and(|t| t.decoder.is_none()))
+            .min_by_key(|&i| self.slots[i].task.as_ref().map(|t| t.admitted));
+        let mut text_chunk = None;
+        let mut image_slot = None;
+        if let Some(i) = prefilling {
+            let s = &self.slots[i];
+            let t = s.task.as_ref().expect("prefilling");
+            match t.pending.front() {
+                Some(Pending::Tokens(toks)) => {
+                    let n = toks.len().min(n_ubatch - ids.len());
+                    if n > 0 {
+                        let last = n == toks.len() && t.pending.len() == 1;
+                        for (k, &id) in toks.iter().take(n).enumerate() {
+                            ids.push(id);
+                            pos.push(t.pos + k as i32);
+                            seq.push(s.base);
+                            want.push(last && k + 1 == n);
+                        }
+                        text_chunk = Some((i, n, last));
+                    }
+                }
+                Some(Pending::Image { .. }) => image_slot = Some(i),
+                None => {}
+            }
+        }
+        if !ids.is_empty() {
+            if !want.iter().any(|&w| w) {
+                // A middle chunk of a prompt alone: the graph needs one output row, which is ignored.
+                *want.last_mut().expect("rows") = true;
+            }
+            let n_rows = ids.len();
+            let out = self.session.decode(&Batch { input: Input::Tokens(&ids), pos, seq, logits: want })?;
+            record_step(&self.stats, generating.len() + text_chunk.is_some() as usize, n_rows);
+            let mut rows = out.chunks(n_vocab);
+            for &(i, k) in &generating {
+                let r: Vec<&[f32]> = rows.by_ref().take(k).collect();
+                let s = &mut self.slots[i];
+                let t = s.task.as_mut().expect("generating");
+                t.pos += 1;
+                // A sampled answer's tokens stay reusable; beams are settled when they end.
+                if !t.decoder.as_ref().is_some_and(Decoder::is_beams) {
+                    s.items.push(Item::Token(t.feed[0]));
+                }
+                self.stats.tokens_generated.fetch_add(k as u64, Ordering::Relaxed);
+                self.advance(i, &r);
+            }
+            if let Some((i, n, last)) = text_chunk {
+                let s = &mut self.slots[i];
+                let t = s.task.as_mut().expect("prefilling");
+                let Some(Pending::Tokens(toks)) = t.pending.front_mut() else { unreachable!("checked above") };
+                s.items.extend(toks.drain(..n).map(Item::Token));
+                if toks.is_empty() {
+                    t.pending.pop_front();
+                }
+                t.pos += n as i32;
+                self.stats.prompt_positions_computed.fetch_add(n as u64, Ordering::Relaxed);
+                if last {
+                    let row = rows.next().expect("the prompt's last row");
+                    self.start(i, row);
+                }
+            }
+        }
+        if let Some(i) = image_slot {
+            self.image_chunk(i, n_ubatch)?;
+        }
+        Ok(())
+    }
+
+    /// The next rows of a slot's image embeddings, alone in a batch (a batch holds ids or embeddings).
+    fn image_chunk(&mut self, i: usize, n_ubatch: usize) -> Result<()> {
+        let n_embd = self.session.model.hp.n_embd;
+        let s = &mut self.slots[i];
+        let t = s.task.as_mut().expect("prefilling");
+        let Some(Pending::Image { emb, hash, done }) = t.pending.front_mut() else { unreachable!("checked") };
+        let n = (emb.n_tokens - *done).min(n_ubatch);
+        let rows = &emb.data[*done * n_embd..(*done + n) * n_embd];
+        let batch = Batch::sequence(Input::Embeddings(rows), n, t.pos, s.base, false);
+        let out = self.session.decode(&batch)?;
+        record_step(&self.stats, 1, n);
+        *done += n;
+        t.pos += n as i32;
+        self.stats.prompt_positions_computed.fetch_add(n as u64, Ordering::Relaxed);
+        let image_done = *done == emb.n_tokens;
+        if image_done {
+            let hash = *hash;
+            t.pending.pop_front();
+            s.items.push(Item::Image(hash));
+            if t.pending.is_empty() {
+                // The prompt ends with an image (not Asagi's template, but a valid request).
+                self.start(i, &out);
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt is computed: set up the decoder and take its first step on the last row's logits.
+    fn start(&mut self, i: usize, row: &[f32]) {
+        let t = self.slots[i].task.as_mut().expect("task");
+        t.first_token = Some(Instant::now());
+        t.usage.prompt_ms = t.admitted.elapsed().as_secs_f64() * 1e3;
+        match Decoder::new(&t.job.cfg, &t.job.prompt.ids) {
+            Ok(d) => {
+                t.decoder = Some(d);
+                self.advance(i, &[row]);
+            }
+            Err(e) => self.end(i, End::Failed(format!("{e:#}"))),
+        }
+    }
+
+    /// Hands a slot's logits rows to its decoder: streams what became final, relabels its beams, ends it when
+    /// done or when a stop string appeared.
+    fn advance(&mut self, i: usize, rows: &[&[f32]]) {
+        let base = self.slots[i].base;
+        let t = self.slots[i].task.as_mut().expect("task");
+        let step = match t.decoder.as_mut().expect("generating").step(rows) {
+            Ok(s) => s,
+            Err(e) => return self.end(i, End::Failed(format!("{e:#}"))),
+        };
+        if let Err(e) = emit(t, &step.emit) {
+            return self.end(i, End::Failed(format!("{e:#}")));
+        }
+        if let Some(from) = &step.reorder {
+            self.session.cache.reorder_range(base, self.width, from);
+        }
+        if t.stop.stopped() || step.done || step.feed.is_empty() {
+            return self.end(i, End::Natural);
+        }
+        t.feed = step.feed;
+    }
+
+    /// Ends slot `i`'s task: tells its client (unless it left), and leaves the slot's cache holding the
+    /// conversation as far as it is reusable (the prompt, and a sampled answer's tokens).
+    fn end(&mut self, i: usize, how: End) {
+        let Some(mut t) = self.slots[i].task.take() else { return };
+        self.stats.busy.fetch_sub(1, Ordering::Relaxed);
+        let base = self.slots[i].base;
+        let kv = &mut self.session.cache;
+        kv.reorder_range(base, self.width, &[0]);
+        let kept = prompt::positions(&self.slots[i].items, self.n_image_tokens);
+        kv.seq_truncate(base, kept as i32);
+        match how {
+            End::Cancelled => {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            End::Failed(msg) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!("engine: request failed: {}", msg.escape_debug());
+                let _ = t.job.events.send(Event::Error(msg));
+            }
+            End::Natural => {
+                let stopped_by_string = t.stop.stopped();
+                let seqs = match t.decoder.take() {
+                    Some(d) => {
+                        let (seqs, rest) = d.finish(stopped_by_string);
+                        if let Err(e) = emit(&mut t, &rest) {
+                            let _ = t.job.events.send(Event::Error(format!("{e:#}")));
+                            return;
+                        }
+                        seqs
+                    }
+                    None => Vec::new(),
+                };
+                let tail = t.stop.finish();
+                if !tail.is_empty() {
+                    t.released.push_str(&tail);
+                    if t.job.stream {
+                        let _ = t.job.events.send(Event::Delta(tail));
+                    }
+                }
+                let finished = self.finished(&mut t, &seqs);
+                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                let _ = t.job.events.send(Event::Done(Box::new(finished)));
+            }
+        }
+    }
+
+    fn finished(&self, t: &mut Task<'_>, seqs: &[Generated]) -> Finished {
+        let reason = |g: &Generated, hit: bool| if hit || g.eos.is_some() { "stop" } else { "length" };
+        let mut choices = Vec::new();
+        for (k, g) in seqs.iter().enumerate() {
+            if k == 0 {
+                // Exactly what was (or would have been) streamed.
+                choices.push(Choice { text: t.released.clone(), finish_reason: reason(g, t.stop.stopped()) });
+            } else {
+                let full = self.tok.decode(&g.tokens, true).unwrap_or_default();
+                let (text, hit) = truncate_at_stop(&full, &t.job.stops);
+                choices.push(Choice { text: text.to_string(), finish_reason: reason(g, hit) });
+            }
+        }
+        t.usage.completion_tokens = seqs.iter().map(|g| g.tokens.len()).sum();
+        t.usage.predicted_ms = t.first_token.map_or(0.0, |f| f.elapsed().as_secs_f64() * 1e3);
+        Finished { choices, usage: t.usage.clone() }
+    }
+}
+
+fn record_step(stats: &Stats, requests: usize, rows: usize) {
+    stats.steps.fetch_add(1, Ordering::Relaxed);
+    if requests > 1 {
+        stats.shared_steps.fetch_add(1, Ordering::Relaxed);
+    }
+    stats.max_requests_per_step.fetch_max(requests, Ordering::Relaxed);
+    stats.max_rows_per_step.fetch_max(rows, Ordering::Relaxed);
+}
+
+/// Streams tokens of the first answer through the detokenizer and the stop strings.
+fn emit(t: &mut Task<'_>, tokens: &[u32]) -> Result<()> {
+    for &id in tokens {
+        if t.stop.stopped() {
+            break;
+        }
+        let piece = t.text.push(id).map_err(|e| anyhow!("detokenizing: {e:#}"))?;
+        let out = t.stop.push(&piece);
+        if !out.is_empty() {
+            t.released.push_str(&out);
+            if t.job.stream {
+                let _ = t.job.events.send(Event::Delta(out));
+            }
+        }
+    }
+    Ok(())
+}
