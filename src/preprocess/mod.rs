@@ -190,7 +190,8 @@ mod tests {
         // At PIL's pixel limit, but the resize to 384 x 384 needs a 384 x 89478485 intermediate.
         let e = refusal(&png_header(1, 89_478_485), "strip.png", &lim);
         assert!(
-            e.contains("1x89478485 needs") && e.contains("GiB to resize to 384x384 (limit 1.0 GiB)")
+            e.contains("1x89478485 needs")
+                && e.contains("GiB to resize to 384x384 (limit 1.0 GiB)")
                 && e.contains("aspect ratio is too extreme"),
             "{e}"
         );
@@ -220,7 +221,8 @@ mod tests {
 
     #[test]
     fn a_photo_passes_and_tighter_limits_refuse_it() {
-        let img = RgbImage::from_fn(2000, 1500, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 7) as u8]));
+        let img =
+            RgbImage::from_fn(2000, 1500, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, ((x + y) % 7) as u8]));
         let png = encode_png(&img);
         let cfg = PreprocessConfig::siglip(384);
         let (px, hash) = preprocess_bytes_limited(&png, "photo.png", &cfg, &ImageLimits::default()).unwrap();
@@ -238,7 +240,10 @@ mod tests {
         let e = refusal(&png, "photo.png", &lim(d.max_pixels, 10 << 20, d.max_resize_ops));
         assert!(e.contains("2000x1500 needs") && e.contains("to resize to 384x384 (limit 10.0 MiB)"), "{e}");
         let e = refusal(&png, "photo.png", &lim(d.max_pixels, d.max_bytes, 1_000_000));
-        assert!(e.contains("2000x1500 needs") && e.contains("multiply-adds to resize to 384x384 (limit 1.00e6)"), "{e}");
+        assert!(
+            e.contains("2000x1500 needs") && e.contains("multiply-adds to resize to 384x384 (limit 1.00e6)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -378,7 +378,8 @@ mod tests {
             return ResizeCost { bytes: out.capacity() as u64, ops: 0 };
         }
         let word = std::mem::size_of::<usize>();
-        let tables = |t: &Taps| (t.start.capacity() * word + t.count.capacity() * word + t.coeffs.capacity() * 4) as u64;
+        let tables =
+            |t: &Taps| (t.start.capacity() * word + t.count.capacity() * word + t.coeffs.capacity() * 4) as u64;
         let scratch = |t: &Taps| (t.ksize * 8) as u64;
         let taps = |t: &Taps| t.count.iter().sum::<usize>() as u64;
         let mut vt = precompute(in_h, out_h).unwrap();

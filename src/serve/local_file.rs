@@ -59,7 +59,8 @@ impl std::error::Error for NotAllowed {}
 impl AllowedDir {
     /// `dir` canonicalised; it must exist and be a directory.
     pub fn new(dir: &Path) -> anyhow::Result<AllowedDir> {
-        let root = dir.canonicalize().with_context(|| format!("allowed directory {}: cannot resolve it", dir.display()))?;
+        let root =
+            dir.canonicalize().with_context(|| format!("allowed directory {}: cannot resolve it", dir.display()))?;
         let meta = std::fs::metadata(&root).with_context(|| format!("allowed directory {}", dir.display()))?;
         anyhow::ensure!(meta.is_dir(), "allowed directory {}: not a directory", dir.display());
         Ok(AllowedDir { root })
@@ -78,9 +79,8 @@ impl AllowedDir {
             return Err(NotAllowed::new("empty path"));
         }
         let joined = self.root.join(path);
-        let canonical = joined
-            .canonicalize()
-            .map_err(|e| NotAllowed::new(format!("{}: cannot resolve: {e}", joined.display())))?;
+        let canonical =
+            joined.canonicalize().map_err(|e| NotAllowed::new(format!("{}: cannot resolve: {e}", joined.display())))?;
         if !canonical.starts_with(&self.root) {
             return Err(NotAllowed::new(format!(
                 "{} resolves to {}, outside {}",
@@ -122,9 +122,7 @@ impl AllowedDir {
             return Err(refuse(&format!("{len} bytes, over the limit of {max_bytes}")));
         }
         let mut bytes = Vec::new();
-        bytes
-            .try_reserve_exact(len as usize)
-            .map_err(|e| refuse(&format!("cannot allocate {len} bytes: {e}")))?;
+        bytes.try_reserve_exact(len as usize).map_err(|e| refuse(&format!("cannot allocate {len} bytes: {e}")))?;
         file.take(max_bytes.saturating_add(1))
             .read_to_end(&mut bytes)
             .map_err(|e| refuse(&format!("read failed: {e}")))?;
