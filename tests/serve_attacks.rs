@@ -99,7 +99,7 @@ fn hostile_connections_and_requests_never_stop_the_server() {
     // resizing it is cheap, and it is accepted below).
     // (Committed files: zlib at level 9 packs them into 170 and 20 KB; encoding them here would take minutes.)
     for (w, h) in [(1u32, 89_478_485u32), (1, 10_000_000)] {
-        let bytes = std::fs::read(fixtures::root().join(format!("images/strip_{w}x{h}.png"))).unwrap();
+        let bytes = std::fs::read(fixtures::root().join(format!("hostile/strip_{w}x{h}.png"))).unwrap();
         let t = Instant::now();
         let (status, v) = s.post(&image_request(&data_url(&bytes)));
         assert_eq!(status, 400, "{w}x{h}: {v}");

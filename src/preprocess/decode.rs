@@ -67,10 +67,11 @@ pub struct ImageLimits {
 
 impl Default for ImageLimits {
     /// - `max_pixels`: [`MAX_IMAGE_PIXELS`], PIL's.
-    /// - `max_bytes`: 1 GiB. A MAX_IMAGE_PIXELS RGB(A) 8-bit PNG peaks at about 0.63 GB (RGBA buffer + RGB
-    ///   copy), a 16-bit RGBA one at 0.98 GB, a baseline JPEG at 0.54 GB; a progressive JPEG of that size (its
-    ///   16-bit coefficients are kept for the whole decode) needs about 1.1 GB and is refused, as are thin
-    ///   strips whose resize needs a huge intermediate (1 x 10,000,000 to 384 x 384: 11.5 GB). A
+    /// - `max_bytes`: 1.25 GiB. A MAX_IMAGE_PIXELS RGB(A) 8-bit PNG peaks at about 0.63 GB (RGBA buffer + RGB
+    ///   copy), a 16-bit RGBA one at 0.98 GB, a baseline JPEG at 0.54 GB, a progressive JPEG of that size (its
+    ///   16-bit coefficients are kept for the whole decode) at about 1.1 GB: all accepted, as PIL accepts
+    ///   them. Thin strips whose resize needs a huge intermediate (1 x 10,000,000 to 384 x 384: 11.5 GB) are
+    ///   refused. A
     ///   9459 x 9459 photo to 384 x 384 peaks at 0.28 GB in the resize phase.
     /// - `max_resize_ops`: 2e9. A 9459 x 9459 photo (MAX_IMAGE_PIXELS) to 384 x 384 takes 1.11e9, 4000 x 3000
     ///   1.6e8; 1 x 10,000,000 takes 5.8e10 (and 11.5 GB). Measured here (release, one core; time per
@@ -78,7 +79,7 @@ impl Default for ImageLimits {
     ///   resize takes 0.23 s (0.2 ns each), 4000 x 3000 0.06 s, while a limit-sized thin strip, 1 x 340,000
     ///   (1.95e9), takes 3.4 s (1.75 ns each): the limit bounds a resize to about 3.5 s.
     fn default() -> Self {
-        ImageLimits { max_pixels: MAX_IMAGE_PIXELS, max_bytes: 1 << 30, max_resize_ops: 2_000_000_000 }
+        ImageLimits { max_pixels: MAX_IMAGE_PIXELS, max_bytes: 1280 << 20, max_resize_ops: 2_000_000_000 }
     }
 }
 

@@ -191,13 +191,13 @@ mod tests {
         let e = refusal(&png_header(1, 89_478_485), "strip.png", &lim);
         assert!(
             e.contains("1x89478485 needs")
-                && e.contains("GiB to resize to 384x384 (limit 1.0 GiB)")
+                && e.contains("GiB to resize to 384x384 (limit 1.2 GiB)")
                 && e.contains("aspect ratio is too extreme"),
             "{e}"
         );
         // The other way round: 1.4 GB of horizontal taps.
         let e = refusal(&png_header(89_478_485, 1), "wide.png", &lim);
-        assert!(e.contains("89478485x1 needs") && e.contains("limit 1.0 GiB"), "{e}");
+        assert!(e.contains("89478485x1 needs") && e.contains("limit 1.2 GiB"), "{e}");
         // 1 x 10,000,000 (a 45 s resize before): memory first, and the work alone is over the limit too.
         let e = refusal(&png_header(1, 10_000_000), "tall.png", &lim);
         assert!(e.contains("1x10000000 needs") && e.contains("to resize to 384x384"), "{e}");

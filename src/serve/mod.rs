@@ -81,7 +81,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::preprocess::MAX_IMAGE_PIXELS)]
     pub max_image_pixels: u64,
     /// Working memory for decoding and resizing one image, in MiB (checked from the image header).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1280)]
     pub max_image_work_mb: u64,
     /// Message text per request at most, in KiB (checked before tokenizing).
     #[arg(long, default_value_t = 256)]
