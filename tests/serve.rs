@@ -254,3 +254,25 @@ fn a_client_that_leaves_is_cancelled_and_a_full_queue_answers_503() {
     assert_eq!(queued.join().unwrap(), 200, "the queued request runs once the slot is free");
     assert_eq!(server.stats()["rejected_busy"], 1);
 }
+
+/// One slot, two conversations in turn: the first is parked while the second runs, and its follow-up finds it.
+#[test]
+fn a_parked_conversation_comes_back() {
+    let m = model();
+    let server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-n", "6", "-c", "1024", "--parallel", "1"]);
+    let image = image_part("images/rgb_80x60.png");
+    let a = json!({"user": "u", "messages": [{"role": "user", "content": [image, {"type": "text", "text": "何ですか"}]}]});
+    let (status, a1) = server.post(&a);
+    assert_eq!(status, 200, "{a1}");
+    let text = a1["choices"][0]["message"]["content"].as_str().unwrap();
+    let prompt = a1["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(server.post(&json!({"user": "u", "messages": [user("別の話")]})).0, 200);
+    let follow = json!({"user": "u", "messages": [
+        {"role": "user", "content": [image, {"type": "text", "text": "何ですか"}]},
+        {"role": "assistant", "content": text}, user("色は")]});
+    let (status, a2) = server.post(&follow);
+    assert_eq!(status, 200, "{a2}");
+    let cached = a2["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert!(cached >= prompt, "the first conversation was kept: {cached} cached of {prompt}: {a2}");
+    assert_eq!(a2["timings"]["images_encoded"], 0);
+}

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use super::prompt::{self, Item, Prompt};
 use super::stop::{truncate_at_stop, StopMatcher};
 use crate::generate::{Decoder, Generated};
-use crate::llm::{Batch, Input, Session};
+use crate::llm::{Batch, Input, Session, MAX_SEQ};
 use crate::sampling::GenerationConfig;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::vision::{ImageEmbedding, VisionEncoder};
@@ -47,6 +47,8 @@ pub struct Job {
     /// OpenAI's `user`: cached-token counts are reported only for prefixes this user's requests made.
     pub owner: Option<String>,
     pub events: mpsc::UnboundedSender<Event>,
+    /// When it was queued.
+    pub queued_at: Instant,
 }
 
 /// What the engine tells the request's handler.
@@ -174,6 +176,21 @@ impl Task<'_> {
     }
 }
 
+/// Which held conversation: a slot's, or a parked one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Src {
+    Slot(usize),
+    Parked(usize),
+}
+
+/// A conversation kept after its slot moved on: a sequence of its own past the slots' sequences.
+struct Parked {
+    seq: usize,
+    items: Vec<Item>,
+    owner: Option<String>,
+    last_used: u64,
+}
+
 struct Slot<'m> {
     /// First sequence of the slot; it holds the cached conversation.
     base: usize,
@@ -193,6 +210,11 @@ pub struct Engine<'m> {
     slots: Vec<Slot<'m>>,
     /// Sequences per slot (the most beams a request may use).
     width: usize,
+    /// Sequences for parked conversations (those past the slots'), and the ones in use.
+    parked_seqs: Vec<usize>,
+    parked: Vec<Parked>,
+    /// Cells parked conversations may hold on their own (`--cache-ram`).
+    park_cells: usize,
     stats: Arc<Stats>,
     tick: u64,
 }
@@ -213,6 +235,7 @@ impl<'m> Engine<'m> {
         encoder: Option<VisionEncoder<'m>>,
         parallel: usize,
         width: usize,
+        cache_ram: usize,
         stats: Arc<Stats>,
     ) -> Engine<'m> {
         let n_image_tokens = encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens());
@@ -220,7 +243,10 @@ impl<'m> Engine<'m> {
             .map(|i| Slot { base: i * width, items: Vec::new(), owner: None, last_used: 0, task: None })
             .collect();
         stats.slots.store(parallel, Ordering::Relaxed);
-        Engine { tok, session, encoder, n_image_tokens, slots, width, stats, tick: 0 }
+        let cell_bytes = session.cache.bytes() / session.cache.n_cells().max(1);
+        let park_cells = cache_ram / cell_bytes.max(1);
+        let parked_seqs = (parallel * width..MAX_SEQ).collect();
+        Engine { tok, session, encoder, n_image_tokens, slots, width, parked_seqs, parked: Vec::new(), park_cells, stats, tick: 0 }
     }
 
     /// Serves jobs until every sender is gone.
@@ -290,6 +316,7 @@ impl<'m> Engine<'m> {
                 for s in &mut self.slots {
                     s.items.clear();
                 }
+                self.parked.clear();
                 None
             }
         }
@@ -320,39 +347,35 @@ impl<'m> Engine<'m> {
             .filter(|&i| self.slots[i].task.is_none())
             .max_by_key(|&i| (prompt::reusable(&self.slots[i].items, items), std::cmp::Reverse(self.slots[i].last_used)))
             .expect("a free slot");
-        // The longest prefix any slot holds (shared without copying K/V data).
-        let source = (0..self.slots.len())
-            .max_by_key(|&i| (prompt::reusable(&self.slots[i].items, items), i == target))
-            .expect("slots");
-        let mut keep = prompt::reusable(&self.slots[source].items, items);
-        let mut source = source;
+        // What the target holds beyond the new prompt's prefix is parked, not lost.
+        if prompt::reusable(&self.slots[target].items, items) < self.slots[target].items.len() {
+            self.park(target);
+        }
+        // The longest prefix held anywhere (a slot or a parked conversation), shared without copying K/V data.
+        let mut source = self.best_source(items, target);
+        let mut keep = prompt::reusable(self.held(source).1, items);
 
         let total = prompt::positions(items, self.n_image_tokens);
         let answer = job.cfg.answer_cells();
         let reserved: usize = self.slots.iter().filter_map(|s| s.task.as_ref()).map(Task::reserve).sum();
-        // Cells the target's other content and idle slots can give back, least recently used first.
-        let mut idle: Vec<usize> =
-            (0..self.slots.len()).filter(|&i| self.slots[i].task.is_none() && i != target && i != source).collect();
-        idle.sort_by_key(|&i| self.slots[i].last_used);
         let fits = |e: &Self, keep: usize| {
             let need = total - prompt::positions(&items[..keep], e.n_image_tokens) + answer;
             e.session.cache.n_free() >= reserved + need
         };
-        // The target's cells beyond what is kept are released first.
-        let mut idle = idle.into_iter();
         loop {
+            // The target's cells beyond what is kept are released first.
             self.prepare_target(target, source, keep);
             if fits(self, keep) {
                 break;
             }
-            if let Some(i) = idle.next() {
-                self.evict(i);
+            // Then idle conversations, least recently used first.
+            if self.evict_one(target, &mut source) {
                 continue;
             }
             if keep > 0 {
                 // Last resort: start from scratch (the source's cells stay its own).
                 keep = 0;
-                source = target;
+                source = Src::Slot(target);
                 continue;
             }
             // Even an empty start does not fit next to the running answers: wait for them.
@@ -362,13 +385,16 @@ impl<'m> Engine<'m> {
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         self.stats.busy.fetch_add(1, Ordering::Relaxed);
         let reused = prompt::positions(&items[..keep], self.n_image_tokens);
-        let cached_tokens = match (&job.owner, &self.slots[source].owner) {
+        let cached_tokens = match (&job.owner, self.held(source).2) {
             (Some(a), Some(b)) if a == b => Some(reused),
             _ if reused == 0 => Some(0),
             _ => None,
         };
         self.stats.prompt_positions_reused.fetch_add(reused as u64, Ordering::Relaxed);
         self.tick += 1;
+        if let Src::Parked(k) = source {
+            self.parked[k].last_used = self.tick;
+        }
         let slot = &mut self.slots[target];
         slot.items.truncate(keep);
         slot.owner = job.owner.clone();
@@ -427,6 +453,7 @@ impl<'m> Engine<'m> {
                 prefilled_tokens: total - reused,
                 images_encoded: n_encoded,
                 image_encode_ms,
+                queued_ms: admitted.duration_since(job.queued_at).as_secs_f64() * 1e3,
                 ..Usage::default()
             },
             admitted,
@@ -441,23 +468,96 @@ impl<'m> Engine<'m> {
         None
     }
 
-    /// Makes the target slot's sequences hold exactly the first `keep` items of the new prompt: its own cells cut
-    /// back, or (when another slot holds a longer prefix) that slot's cells shared.
-    fn prepare_target(&mut self, target: usize, source: usize, keep: usize) {
-        let (tbase, sbase) = (self.slots[target].base, self.slots[source].base);
-        let kv = &mut self.session.cache;
-        for s in tbase + 1..tbase + self.width {
-            kv.seq_rm(s);
+    /// A conversation held in the cache: a slot's (its first sequence) or a parked one.
+    fn held(&self, src: Src) -> (usize, &[Item], Option<&String>) {
+        match src {
+            Src::Slot(i) => (self.slots[i].base, &self.slots[i].items, self.slots[i].owner.as_ref()),
+            Src::Parked(k) => (self.parked[k].seq, &self.parked[k].items, self.parked[k].owner.as_ref()),
         }
-        if source == target {
+    }
+
+    /// The held conversation sharing the longest prefix with `items` (the target itself on a tie).
+    fn best_source(&self, items: &[Item], target: usize) -> Src {
+        let slots = (0..self.slots.len()).map(Src::Slot);
+        let parked = (0..self.parked.len()).map(Src::Parked);
+        slots
+            .chain(parked)
+            .max_by_key(|&s| (prompt::reusable(self.held(s).1, items), s == Src::Slot(target)))
+            .expect("at least one slot")
+    }
+
+    /// Makes the target slot's sequences hold exactly the first `keep` items of the new prompt: its own cells cut
+    /// back, or (when another conversation holds a longer prefix) that one's cells shared.
+    fn prepare_target(&mut self, target: usize, source: Src, keep: usize) {
+        let tbase = self.slots[target].base;
+        for s in tbase + 1..tbase + self.width {
+            self.session.cache.seq_rm(s);
+        }
+        if source == Src::Slot(target) {
             let keep_pos = prompt::positions(&self.slots[target].items[..keep], self.n_image_tokens);
-            kv.seq_truncate(tbase, keep_pos as i32);
+            self.session.cache.seq_truncate(tbase, keep_pos as i32);
             self.slots[target].items.truncate(keep);
         } else {
-            let keep_pos = prompt::positions(&self.slots[source].items[..keep], self.n_image_tokens);
-            kv.seq_cp_prefix(sbase, tbase, keep_pos as i32);
-            self.slots[target].items = self.slots[source].items[..keep].to_vec();
+            let (sbase, sitems, _) = self.held(source);
+            let keep_pos = prompt::positions(&sitems[..keep], self.n_image_tokens);
+            let kept = sitems[..keep].to_vec();
+            self.session.cache.seq_cp_prefix(sbase, tbase, keep_pos as i32);
+            self.slots[target].items = kept;
         }
+    }
+
+    /// Keeps an idle slot's conversation in a parked sequence (its cells gain a sequence; nothing is copied),
+    /// giving up the least recently used parked one if every parked sequence is taken, then trims the parked
+    /// conversations to `--cache-ram`.
+    fn park(&mut self, slot: usize) {
+        if self.slots[slot].items.is_empty() || self.parked_seqs.is_empty() {
+            return;
+        }
+        let seq = match self.parked_seqs.iter().copied().find(|s| self.parked.iter().all(|p| p.seq != *s)) {
+            Some(s) => s,
+            None => {
+                let lru = (0..self.parked.len()).min_by_key(|&k| self.parked[k].last_used).expect("all taken");
+                let p = self.parked.swap_remove(lru);
+                self.session.cache.seq_rm(p.seq);
+                p.seq
+            }
+        };
+        let s = &self.slots[slot];
+        self.session.cache.seq_cp(s.base, seq);
+        self.parked.push(Parked { seq, items: s.items.clone(), owner: s.owner.clone(), last_used: s.last_used });
+        let mask = |e: &Self| e.parked.iter().fold(0u64, |m, p| m | (1 << p.seq));
+        while self.session.cache.n_only(mask(self)) > self.park_cells && !self.parked.is_empty() {
+            let lru = (0..self.parked.len()).min_by_key(|&k| self.parked[k].last_used).expect("non-empty");
+            let p = self.parked.swap_remove(lru);
+            self.session.cache.seq_rm(p.seq);
+        }
+    }
+
+    /// Gives up the least recently used idle conversation (an idle slot's or a parked one) other than the
+    /// target's and the source's; false if there is none.
+    fn evict_one(&mut self, target: usize, source: &mut Src) -> bool {
+        let idle_slots = (0..self.slots.len())
+            .filter(|&i| self.slots[i].task.is_none() && !self.slots[i].items.is_empty())
+            .map(|i| (self.slots[i].last_used, Src::Slot(i)));
+        let parked = (0..self.parked.len()).map(|k| (self.parked[k].last_used, Src::Parked(k)));
+        let victim = idle_slots
+            .chain(parked)
+            .filter(|&(_, s)| s != *source && s != Src::Slot(target))
+            .min_by_key(|&(t, _)| t)
+            .map(|(_, s)| s);
+        match victim {
+            Some(Src::Slot(i)) => self.evict(i),
+            Some(Src::Parked(k)) => {
+                // `swap_remove` moves the last entry to `k`: follow it if it is the source.
+                if *source == Src::Parked(self.parked.len() - 1) {
+                    *source = Src::Parked(k);
+                }
+                let p = self.parked.swap_remove(k);
+                self.session.cache.seq_rm(p.seq);
+            }
+            None => return false,
+        }
+        true
     }
 
     /// An idle slot gives up its cached conversation.

@@ -65,7 +65,7 @@ struct AppState {
     info: ModelInfo,
     engine: mpsc::Sender<Job>,
     stats: Arc<Stats>,
-    /// Image decoding and tokenizing run on blocking threads, this many at once.
+    /// Requests with images are prepared (decoded, resized) on blocking threads, this many at once.
     prep: Semaphore,
     /// `Host` values accepted on a loopback bind; `None`: any.
     hosts: Option<Vec<String>>,
@@ -261,10 +261,16 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         Err(e) => return bad_request(e),
     };
     drop(bytes);
-    let (stream, n, include_usage) = (v.stream, v.n, v.include_usage);
+    let (stream, include_usage) = (v.stream, v.include_usage);
     // Images and tokenizing on a blocking thread: a large image takes a while and must not hold up the others.
-    let Ok(_permit) = st.prep.acquire().await else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down");
+    // Image decoding takes one of a few permits (it is CPU- and memory-heavy); text alone does not wait for them.
+    let has_images = v.messages.iter().any(|m| matches!(m, Message::User { images, .. } if !images.is_empty()));
+    let permit = match has_images {
+        true => match st.prep.acquire().await {
+            Ok(p) => Some(p),
+            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down"),
+        },
+        false => None,
     };
     let st2 = st.clone();
     let (tx, rx) = mpsc::unbounded_channel();
@@ -273,7 +279,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         Ok(Err(e)) => return bad_request(e),
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error preparing the request"),
     };
-    drop(_permit);
+    drop(permit);
     st.stats.queued.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = st.engine.try_send(job) {
         st.stats.queued.fetch_sub(1, Ordering::Relaxed);
@@ -291,7 +297,6 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
     if stream {
         sse(st, id, rx, include_usage).into_response()
     } else {
-        let _ = n;
         complete(st, id, rx).await
     }
 }
@@ -355,7 +360,7 @@ fn prepare(st: &AppState, v: Validated, events: mpsc::UnboundedSender<Event>) ->
     }
     // The sampler and beam search check their parameters when they are made: do it now, not after the prefill.
     Decoder::new(&cfg, &p.ids).map_err(|e| BadRequest(format!("decoding parameters: {e:#}")))?;
-    Ok(Job { prompt: p, images, cfg, stops: v.stops, stream: v.stream, owner: v.user, events })
+    Ok(Job { prompt: p, images, cfg, stops: v.stops, stream: v.stream, owner: v.user, events, queued_at: Instant::now() })
 }
 
 /// A whole answer as one JSON body. If the client leaves, this future is dropped, the receiver with it, and the

@@ -40,9 +40,13 @@ pub struct ServeArgs {
     #[arg(short = 'n', long, default_value_t = 256)]
     pub n_predict: usize,
     /// Conversations answered at once, decoded together in one batch per step. They share the KV cache
-    /// (-c cells in all); each may use up to 64/N beams (at most 16).
+    /// (-c cells in all); each may use up to min(8, 64/N) beams.
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
+    /// KV cache (MiB) that finished conversations may keep beyond the slots' own, for later requests that
+    /// continue them or share their prefix (least recently used given up first; always within -c).
+    #[arg(long, default_value_t = 1024)]
+    pub cache_ram: usize,
     /// Requests that may wait for a slot; beyond that the server answers 503 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
@@ -104,8 +108,9 @@ pub fn run(a: ServeArgs) -> Result<()> {
     if a.parallel == 0 || a.parallel > MAX_SEQ {
         bail!("--parallel {}: between 1 and {MAX_SEQ}", a.parallel);
     }
-    // Each slot owns `width` sequences of the cache (sequences are bits of a u64).
-    let width = (MAX_SEQ / a.parallel).min(16);
+    // Each slot owns `width` sequences of the cache (sequences are bits of a u64); the rest hold parked
+    // conversations.
+    let width = (MAX_SEQ / a.parallel).min(8);
     let beams = if a.decoding.greedy { 1 } else { a.decoding.num_beams };
     if beams > width {
         bail!("--num-beams {beams} with --parallel {}: a slot holds at most {width} beams", a.parallel);
@@ -122,7 +127,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let stats = Arc::new(Stats::default());
     let (job_tx, job_rx) = tokio::sync::mpsc::channel(a.queue);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<ModelInfo>>(1);
-    let (load, parallel, engine_stats) = (a.load.clone(), a.parallel, stats.clone());
+    let (load, parallel, engine_stats, cache_ram) = (a.load.clone(), a.parallel, stats.clone(), a.cache_ram << 20);
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
@@ -146,7 +151,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     n_image_tokens: encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens()),
                     preprocess: encoder.as_ref().map(|e| e.model.hp.preprocess.clone()),
                 };
-                let engine = Engine::new(&loaded.tok, session, encoder, parallel, width, engine_stats);
+                let engine = Engine::new(&loaded.tok, session, encoder, parallel, width, cache_ram, engine_stats);
                 if ready_tx.send(Ok(info)).is_ok() {
                     engine.run(job_rx);
                 }
