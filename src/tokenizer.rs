@@ -135,6 +135,18 @@ impl StreamDecoder<'_> {
         Ok(new)
     }
 
+    /// The end of the sequence: what `push` held back (an unfinished character, decoded as the tokenizer does,
+    /// with U+FFFD), so the streamed text equals `decode` of all ids.
+    pub fn flush(&mut self) -> Result<String> {
+        let text = self.tok.decode(&self.ids, self.skip_special)?;
+        if !text.starts_with(&self.emitted) {
+            return Ok(String::new());
+        }
+        let rest = text[self.emitted.len()..].to_string();
+        self.emitted = text;
+        Ok(rest)
+    }
+
     /// Everything decoded so far.
     pub fn text(&self) -> &str {
         &self.emitted

@@ -217,8 +217,9 @@ fn validate(r: ChatCompletionRequest, defaults: &DecodingArgs, default_max: usiz
         }
     };
     if let Some(t) = finite("temperature", r.temperature)? {
-        if !(0.0..=100.0).contains(&t) {
-            return bad("temperature: between 0 and 100");
+        // Below 1e-4 the f32 division of the logits overflows to infinities (NaN probabilities).
+        if !(t == 0.0 || (1e-4..=100.0).contains(&t)) {
+            return bad("temperature: 0 (no sampling) or between 0.0001 and 100");
         }
         d.temp = t;
         d.greedy = false;
@@ -401,8 +402,7 @@ pub struct UsageOut {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub prompt_tokens_details: Option<PromptDetails>,
+    pub prompt_tokens_details: PromptDetails,
 }
 
 #[derive(Serialize)]
@@ -427,7 +427,7 @@ pub fn usage_out(u: &Usage) -> UsageOut {
         prompt_tokens: u.prompt_tokens,
         completion_tokens: u.completion_tokens,
         total_tokens: u.prompt_tokens + u.completion_tokens,
-        prompt_tokens_details: u.cached_tokens.map(|c| PromptDetails { cached_tokens: c }),
+        prompt_tokens_details: PromptDetails { cached_tokens: u.cached_tokens },
     }
 }
 
@@ -570,6 +570,7 @@ mod tests {
             (json!({"top_p": 0}), "top_p"),
             (json!({"top_p": 1.5}), "top_p"),
             (json!({"temperature": -1}), "temperature"),
+            (json!({"temperature": 1e-50}), "temperature"),
             (json!({"num_beams": 9}), "num_beams"),
             (json!({"num_beams": 0}), "num_beams"),
             (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use tokio::sync::mpsc;
 
 use super::prompt::{self, Item, Prompt};
@@ -76,8 +76,10 @@ pub struct Usage {
     /// Positions of the prompt (an image counts its image tokens).
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    /// Prompt positions taken from the cache; `None` when they came from another user's requests.
-    pub cached_tokens: Option<usize>,
+    /// Prompt positions taken from the cache, as far as this request's `user` made them: reuse of another
+    /// user's conversation is reported as computed (here and in the two fields below), so the counts do not
+    /// tell one user what another asked.
+    pub cached_tokens: usize,
     /// Prompt positions computed for this request.
     pub prefilled_tokens: usize,
     pub images_encoded: usize,
@@ -132,14 +134,15 @@ impl Stats {
 /// What remains of a prompt to compute.
 enum Pending {
     Tokens(VecDeque<u32>),
-    Image { emb: ImageEmbedding, hash: [u8; 32], done: usize },
+    /// An image: its pixels until a step encodes them, then its embeddings, `done` rows of them computed.
+    Image { pixels: Vec<f32>, emb: Option<ImageEmbedding>, hash: [u8; 32], n_tokens: usize, done: usize },
 }
 
 impl Pending {
     fn positions(&self) -> usize {
         match self {
             Pending::Tokens(t) => t.len(),
-            Pending::Image { emb, done, .. } => emb.n_tokens - done,
+            Pending::Image { n_tokens, done, .. } => n_tokens - done,
         }
     }
 }
@@ -339,8 +342,9 @@ impl<'m> Engine<'m> {
     }
 
     /// Starts `job` in a slot, or gives it back when no slot is free or the cache cannot hold it yet.
-    fn admit(&mut self, job: Job) -> Option<Job> {
+    fn admit(&mut self, mut job: Job) -> Option<Job> {
         let Some(_) = self.slots.iter().position(|s| s.task.is_none()) else { return Some(job) };
+        let images_in = std::mem::take(&mut job.images);
         let items = &job.prompt.items;
         // The idle slot to run in: the longest own prefix, then the least recently used.
         let target = (0..self.slots.len())
@@ -368,6 +372,14 @@ impl<'m> Engine<'m> {
             if fits(self, keep) {
                 break;
             }
+            // If even giving up every idle conversation would not make room, keep them and wait.
+            let idle = self.idle_seqs(target);
+            let need = total - prompt::positions(&items[..keep], self.n_image_tokens) + answer;
+            if self.session.cache.n_free() + self.session.cache.n_only(idle) < reserved + need {
+                self.trim_parked();
+                job.images = images_in;
+                return Some(job);
+            }
             // Then idle conversations, least recently used first.
             if self.evict_one(target, &mut source) {
                 continue;
@@ -379,17 +391,18 @@ impl<'m> Engine<'m> {
                 continue;
             }
             // Even an empty start does not fit next to the running answers: wait for them.
+            self.trim_parked();
+            job.images = images_in;
             return Some(job);
         }
+        self.trim_parked();
 
         self.stats.queued.fetch_sub(1, Ordering::Relaxed);
         self.stats.busy.fetch_add(1, Ordering::Relaxed);
         let reused = prompt::positions(&items[..keep], self.n_image_tokens);
-        let cached_tokens = match (&job.owner, self.held(source).2) {
-            (Some(a), Some(b)) if a == b => Some(reused),
-            _ if reused == 0 => Some(0),
-            _ => None,
-        };
+        // Counts are told only for what the same user's requests made (see `Usage::cached_tokens`).
+        let own = job.owner.is_some() && job.owner.as_ref() == self.held(source).2;
+        let reported = if own { reused } else { 0 };
         self.stats.prompt_positions_reused.fetch_add(reused as u64, Ordering::Relaxed);
         self.tick += 1;
         if let Src::Parked(k) = source {
@@ -400,12 +413,11 @@ impl<'m> Engine<'m> {
         slot.owner = job.owner.clone();
         slot.last_used = self.tick;
 
-        // Encode the images of the part to compute (blocking this thread: ggml already uses every core).
+        // The part to compute; images are encoded by later steps, one per step, so running answers go on between.
         let admitted = Instant::now();
         let n_images_kept = items[..keep].iter().filter(|i| matches!(i, Item::Image(_))).count();
         let mut pending = VecDeque::new();
-        let mut images = job.images.iter().skip(n_images_kept);
-        let mut n_encoded = 0;
+        let mut images = images_in.into_iter().skip(n_images_kept);
         let mut tokens = VecDeque::new();
         let mut err = None;
         for item in &items[keep..] {
@@ -415,27 +427,18 @@ impl<'m> Engine<'m> {
                     if !tokens.is_empty() {
                         pending.push_back(Pending::Tokens(std::mem::take(&mut tokens)));
                     }
-                    let (Some(img), Some(enc)) = (images.next(), self.encoder.as_mut()) else {
+                    let Some(img) = images.next().filter(|_| self.encoder.is_some()) else {
                         err = Some("an image without its pixels or without a vision encoder".to_string());
                         break;
                     };
-                    match enc.encode_pixels(&img.pixels, 1) {
-                        Ok(mut e) => {
-                            n_encoded += 1;
-                            pending.push_back(Pending::Image { emb: e.remove(0), hash, done: 0 })
-                        }
-                        Err(e) => {
-                            err = Some(format!("encoding an image: {e:#}"));
-                            break;
-                        }
-                    }
+                    let n_tokens = self.n_image_tokens;
+                    pending.push_back(Pending::Image { pixels: img.pixels, emb: None, hash, n_tokens, done: 0 });
                 }
             }
         }
         if !tokens.is_empty() {
             pending.push_back(Pending::Tokens(tokens));
         }
-        let image_encode_ms = admitted.elapsed().as_secs_f64() * 1e3;
         let max_new = job.cfg.max_new_tokens.unwrap_or(1);
         let stop = StopMatcher::new(&job.stops);
         let pos = reused as i32;
@@ -449,10 +452,9 @@ impl<'m> Engine<'m> {
             released: String::new(),
             usage: Usage {
                 prompt_tokens: total,
-                cached_tokens,
-                prefilled_tokens: total - reused,
-                images_encoded: n_encoded,
-                image_encode_ms,
+                cached_tokens: reported,
+                prefilled_tokens: total - reported,
+                images_encoded: if own { 0 } else { n_images_kept },
                 queued_ms: admitted.duration_since(job.queued_at).as_secs_f64() * 1e3,
                 ..Usage::default()
             },
@@ -501,14 +503,16 @@ impl<'m> Engine<'m> {
             let (sbase, sitems, _) = self.held(source);
             let keep_pos = prompt::positions(&sitems[..keep], self.n_image_tokens);
             let kept = sitems[..keep].to_vec();
+            let owner = self.held(source).2.cloned();
             self.session.cache.seq_cp_prefix(sbase, tbase, keep_pos as i32);
             self.slots[target].items = kept;
+            self.slots[target].owner = owner;
         }
     }
 
     /// Keeps an idle slot's conversation in a parked sequence (its cells gain a sequence; nothing is copied),
-    /// giving up the least recently used parked one if every parked sequence is taken, then trims the parked
-    /// conversations to `--cache-ram`.
+    /// giving up the least recently used parked one if every parked sequence is taken (`admit` trims the parked
+    /// conversations to `--cache-ram` once the target is cut back).
     fn park(&mut self, slot: usize) {
         if self.slots[slot].items.is_empty() || self.parked_seqs.is_empty() {
             return;
@@ -525,8 +529,22 @@ impl<'m> Engine<'m> {
         let s = &self.slots[slot];
         self.session.cache.seq_cp(s.base, seq);
         self.parked.push(Parked { seq, items: s.items.clone(), owner: s.owner.clone(), last_used: s.last_used });
+    }
+
+    /// The sequences of idle conversations that could be given up for a request going to `target`.
+    fn idle_seqs(&self, target: usize) -> u64 {
+        let slot_bits = |base: usize| ((1u64 << self.width) - 1) << base;
+        let idle = (0..self.slots.len())
+            .filter(|&i| i != target && self.slots[i].task.is_none())
+            .fold(0u64, |m, i| m | slot_bits(self.slots[i].base));
+        self.parked.iter().fold(idle, |m, p| m | (1 << p.seq))
+    }
+
+    /// Gives up parked conversations, least recently used first, until the cells only they hold fit
+    /// `--cache-ram`.
+    fn trim_parked(&mut self) {
         let mask = |e: &Self| e.parked.iter().fold(0u64, |m, p| m | (1 << p.seq));
-        while self.session.cache.n_only(mask(self)) > self.park_cells && !self.parked.is_empty() {
+        while !self.parked.is_empty() && self.session.cache.n_only(mask(self)) > self.park_cells {
             let lru = (0..self.parked.len()).min_by_key(|&k| self.parked[k].last_used).expect("non-empty");
             let p = self.parked.swap_remove(lru);
             self.session.cache.seq_rm(p.seq);
@@ -595,6 +613,7 @@ impl<'m> Engine<'m> {
             .min_by_key(|&i| self.slots[i].task.as_ref().map(|t| t.admitted));
         let mut text_chunk = None;
         let mut image_slot = None;
+        let mut encode_slot = None;
         if let Some(i) = prefilling {
             let s = &self.slots[i];
             let t = s.task.as_ref().expect("prefilling");
@@ -612,6 +631,7 @@ impl<'m> Engine<'m> {
                         text_chunk = Some((i, n, last));
                     }
                 }
+                Some(Pending::Image { emb: None, .. }) => encode_slot = Some(i),
                 Some(Pending::Image { .. }) => image_slot = Some(i),
                 None => {}
             }
@@ -653,9 +673,35 @@ impl<'m> Engine<'m> {
                 }
             }
         }
+        // A failure here is this request's alone.
         if let Some(i) = image_slot {
-            self.image_chunk(i, n_ubatch)?;
+            if let Err(e) = self.image_chunk(i, n_ubatch) {
+                self.end(i, End::Failed(format!("{e:#}")));
+            }
         }
+        if let Some(i) = encode_slot {
+            if let Err(e) = self.encode(i) {
+                self.end(i, End::Failed(format!("encoding an image: {e:#}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Encodes the image at the front of slot `i`'s prompt (the vision tower, one image: seconds on a small CPU,
+    /// during which no other request advances).
+    fn encode(&mut self, i: usize) -> Result<()> {
+        let t = self.slots[i].task.as_mut().expect("prefilling");
+        let Some(Pending::Image { pixels, emb, n_tokens, .. }) = t.pending.front_mut() else { unreachable!("checked") };
+        let enc = self.encoder.as_mut().ok_or_else(|| anyhow!("no vision encoder"))?;
+        let started = Instant::now();
+        let e = enc.encode_pixels(pixels, 1)?.pop().ok_or_else(|| anyhow!("no embeddings"))?;
+        if e.n_tokens != *n_tokens {
+            bail!("{} image tokens where the vision model's parameters say {n_tokens}", e.n_tokens);
+        }
+        *pixels = Vec::new();
+        *emb = Some(e);
+        t.usage.images_encoded += 1;
+        t.usage.image_encode_ms += started.elapsed().as_secs_f64() * 1e3;
         Ok(())
     }
 
@@ -664,7 +710,10 @@ impl<'m> Engine<'m> {
         let n_embd = self.session.model.hp.n_embd;
         let s = &mut self.slots[i];
         let t = s.task.as_mut().expect("prefilling");
-        let Some(Pending::Image { emb, hash, done }) = t.pending.front_mut() else { unreachable!("checked") };
+        let Some(Pending::Image { emb: Some(emb), hash, done, .. }) = t.pending.front_mut() else { unreachable!("checked") };
+        if emb.n_tokens * n_embd != emb.data.len() {
+            bail!("image embeddings of width {} do not fit the language model's {n_embd}", emb.data.len() / emb.n_tokens.max(1));
+        }
         let n = (emb.n_tokens - *done).min(n_ubatch);
         let rows = &emb.data[*done * n_embd..(*done + n) * n_embd];
         let batch = Batch::sequence(Input::Embeddings(rows), n, t.pos, s.base, false);
@@ -753,6 +802,17 @@ impl<'m> Engine<'m> {
                     }
                     None => Vec::new(),
                 };
+                // An answer cut inside a multi-byte character: its last bytes as the tokenizer decodes them.
+                match t.text.flush() {
+                    Ok(rest) if !rest.is_empty() => {
+                        let out = t.stop.push(&rest);
+                        t.released.push_str(&out);
+                        if t.job.stream && !out.is_empty() {
+                            let _ = t.job.events.send(Event::Delta(out));
+                        }
+                    }
+                    _ => {}
+                }
                 let tail = t.stop.finish();
                 if !tail.is_empty() {
                     t.released.push_str(&tail);

@@ -65,8 +65,11 @@ struct AppState {
     info: ModelInfo,
     engine: mpsc::Sender<Job>,
     stats: Arc<Stats>,
-    /// Requests with images are prepared (decoded, resized) on blocking threads, this many at once.
-    prep: Semaphore,
+    /// Requests are parsed and prepared on blocking threads, this many at once (JSON, base64, tokenizing)...
+    work: Arc<Semaphore>,
+    /// ...and of those, this many with images (decoding and resizing are CPU- and memory-heavy). The permits
+    /// travel with the work: a client that leaves does not free them before its work has ended.
+    images: Arc<Semaphore>,
     /// `Host` values accepted on a loopback bind; `None`: any.
     hosts: Option<Vec<String>>,
 }
@@ -91,7 +94,15 @@ pub async fn serve(conf: Config, info: ModelInfo, engine: mpsc::Sender<Job>, sta
     }
     let max_connections = conf.max_connections;
     let (header_timeout, max_header_bytes) = (conf.header_timeout, conf.max_header_bytes);
-    let state = Arc::new(AppState { conf, info, engine, stats, prep: Semaphore::new(2), hosts });
+    let state = Arc::new(AppState {
+        conf,
+        info,
+        engine,
+        stats,
+        work: Arc::new(Semaphore::new(4)),
+        images: Arc::new(Semaphore::new(2)),
+        hosts,
+    });
     let app = router(state.clone());
     eprintln!("listening on http://{local} (POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats)");
 
@@ -212,6 +223,9 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {
+    if st.engine.is_closed() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the engine has stopped");
+    }
     let busy = st.stats.busy.load(Ordering::Relaxed);
     let slots = st.stats.slots.load(Ordering::Relaxed);
     Json(serde_json::json!({"status": "ok", "slots_idle": slots.saturating_sub(busy), "slots_processing": busy}))
@@ -256,30 +270,38 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         }
         Ok(Ok(b)) => b,
     };
-    let v = match api::parse(&bytes, &st.conf.decoding, st.conf.n_predict, &st.conf.limits) {
-        Ok(v) => v,
-        Err(e) => return bad_request(e),
+    let shutting_down = || error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down");
+    let Ok(work) = st.work.clone().acquire_owned().await else { return shutting_down() };
+    let st2 = st.clone();
+    let parsed = tokio::task::spawn_blocking(move || {
+        let v = api::parse(&bytes, &st2.conf.decoding, st2.conf.n_predict, &st2.conf.limits);
+        (v, work)
+    });
+    let (v, work) = match parsed.await {
+        Ok((Ok(v), work)) => (v, work),
+        Ok((Err(e), _)) => return bad_request(e),
+        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error reading the request"),
     };
-    drop(bytes);
     let (stream, include_usage) = (v.stream, v.include_usage);
-    // Images and tokenizing on a blocking thread: a large image takes a while and must not hold up the others.
-    // Image decoding takes one of a few permits (it is CPU- and memory-heavy); text alone does not wait for them.
     let has_images = v.messages.iter().any(|m| matches!(m, Message::User { images, .. } if !images.is_empty()));
-    let permit = match has_images {
-        true => match st.prep.acquire().await {
+    let image_permit = match has_images {
+        true => match st.images.clone().acquire_owned().await {
             Ok(p) => Some(p),
-            Err(_) => return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down"),
+            Err(_) => return shutting_down(),
         },
         false => None,
     };
     let st2 = st.clone();
     let (tx, rx) = mpsc::unbounded_channel();
-    let job = match tokio::task::spawn_blocking(move || prepare(&st2, v, tx)).await {
+    let prepared = tokio::task::spawn_blocking(move || {
+        let _permits = (work, image_permit);
+        prepare(&st2, v, tx)
+    });
+    let job = match prepared.await {
         Ok(Ok(job)) => job,
         Ok(Err(e)) => return bad_request(e),
         Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error preparing the request"),
     };
-    drop(permit);
     st.stats.queued.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = st.engine.try_send(job) {
         st.stats.queued.fetch_sub(1, Ordering::Relaxed);
