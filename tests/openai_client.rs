@@ -9,7 +9,7 @@ use std::process::Command;
 
 use asagi_convert::{LlmType, MmprojType};
 use common::fixtures;
-use common::server::Server;
+use common::server::{run_json, Server};
 use serde_json::Value;
 
 const OPENAI: &str = "openai==3.57.0";
@@ -39,17 +39,8 @@ fn the_openai_client_streams_what_run_prints() {
             .unwrap();
     let image = fixtures::root().join("images/rgb_80x60.png");
     let question = "この画像は何ですか";
-    let run = Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
-        .args(["run", "--json", "--greedy", "-n", "8", "-t", "2", "-c", "1024", "-p", question, "--image"])
-        .arg(&image)
-        .arg("--mmproj")
-        .arg(&mmproj)
-        .arg("-m")
-        .arg(&llm)
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let run: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let image_arg = image.to_str().unwrap();
+    let run = run_json(&llm, &mmproj, &["--greedy", "-n", "8", "-c", "1024", "-p", question, "--image", image_arg]);
 
     let mut server = Server::start(&llm, &mmproj, &["--greedy", "-n", "8", "-c", "1024", "--api-key", "test-key"]);
     let out = Command::new(&python)

@@ -221,26 +221,7 @@ fn resize_same_size_is_identity_and_shapes_are_right() {
 // ---------------------------------------------------------------------------------------------------------
 // Hand-made PNGs (stored deflate blocks, so no encoder is involved) for the guards and the 16-bit rules.
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-        }
-    }
-    !crc
-}
-
-fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-    let mut v = (data.len() as u32).to_be_bytes().to_vec();
-    v.extend_from_slice(kind);
-    v.extend_from_slice(data);
-    let mut c = kind.to_vec();
-    c.extend_from_slice(data);
-    v.extend_from_slice(&crc32(&c).to_be_bytes());
-    v
-}
+use common::png_bytes::{chunk, crc32};
 
 /// zlib stream of stored (uncompressed) deflate blocks.
 fn zlib_stored(data: &[u8]) -> Vec<u8> {

@@ -5,14 +5,13 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use asagi_convert::{LlmType, MmprojType};
 use base64::Engine as _;
 use common::fixtures;
-use common::server::{client, Server, SseReader};
+use common::server::{client, run_json, Server, SseReader};
 use serde_json::{json, Value};
 
 struct Model {
@@ -50,17 +49,8 @@ fn answers_match_run_reuse_the_cache_and_stream() {
     let question = "この画像は何ですか";
 
     // The same image and question through `run`.
-    let run = Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
-        .args(["run", "--json", "--greedy", "-n", "6", "-t", "2", "-c", "1024", "-p", question, "--image"])
-        .arg(&image_path)
-        .arg("--mmproj")
-        .arg(&m.mmproj)
-        .arg("-m")
-        .arg(&m.llm)
-        .output()
-        .unwrap();
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let run: Value = serde_json::from_slice(&run.stdout).unwrap();
+    let image_arg = image_path.to_str().unwrap();
+    let run = run_json(&m.llm, &m.mmproj, &["--greedy", "-n", "6", "-c", "1024", "-p", question, "--image", image_arg]);
 
     let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-n", "6", "-c", "1024", "--parallel", "2"]);
     server.assert_healthy("start");

@@ -130,31 +130,17 @@ fn check_size(cfg: &PreprocessConfig) -> Result<()> {
     Ok(())
 }
 
+/// Hand-made PNG chunks, shared with the integration tests.
+#[cfg(test)]
+#[path = "../../tests/common/png_bytes.rs"]
+mod png_bytes;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Instant;
 
-    fn crc32(data: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for &b in data {
-            crc ^= b as u32;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
-            }
-        }
-        !crc
-    }
-
-    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-        let mut v = (data.len() as u32).to_be_bytes().to_vec();
-        v.extend_from_slice(kind);
-        v.extend_from_slice(data);
-        let mut c = kind.to_vec();
-        c.extend_from_slice(data);
-        v.extend_from_slice(&crc32(&c).to_be_bytes());
-        v
-    }
+    use super::png_bytes::chunk;
 
     /// A PNG header claiming `w` x `h` 8-bit grey, with an empty IDAT: any refusal must come from the header
     /// check (decoding would fail on the missing data instead).

@@ -105,6 +105,10 @@ pub struct Stats {
     pub max_requests_per_step: AtomicUsize,
     pub max_rows_per_step: AtomicUsize,
     pub tokens_generated: AtomicU64,
+    /// Microseconds spent in the model's forward passes (batches of tokens or image embeddings) and in the
+    /// vision encoder: the rest of the engine's time is scheduling, sampling and detokenizing.
+    pub forward_us: AtomicU64,
+    pub encode_us: AtomicU64,
     pub prompt_positions_computed: AtomicU64,
     pub prompt_positions_reused: AtomicU64,
     pub completed: AtomicU64,
@@ -123,6 +127,7 @@ impl Stats {
             "steps": g(&self.steps), "shared_steps": g(&self.shared_steps),
             "max_requests_per_step": u(&self.max_requests_per_step), "max_rows_per_step": u(&self.max_rows_per_step),
             "tokens_generated": g(&self.tokens_generated),
+            "forward_us": g(&self.forward_us), "encode_us": g(&self.encode_us),
             "prompt_positions_computed": g(&self.prompt_positions_computed),
             "prompt_positions_reused": g(&self.prompt_positions_reused),
             "completed": g(&self.completed), "cancelled": g(&self.cancelled), "failed": g(&self.failed),
@@ -642,7 +647,9 @@ impl<'m> Engine<'m> {
                 *want.last_mut().expect("rows") = true;
             }
             let n_rows = ids.len();
+            let started = Instant::now();
             let out = self.session.decode(&Batch { input: Input::Tokens(&ids), pos, seq, logits: want })?;
+            self.stats.forward_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
             record_step(&self.stats, generating.len() + text_chunk.is_some() as usize, n_rows);
             let mut rows = out.chunks(n_vocab);
             for &(i, k) in &generating {
@@ -702,6 +709,7 @@ impl<'m> Engine<'m> {
         *emb = Some(e);
         t.usage.images_encoded += 1;
         t.usage.image_encode_ms += started.elapsed().as_secs_f64() * 1e3;
+        self.stats.encode_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -717,7 +725,9 @@ impl<'m> Engine<'m> {
         let n = (emb.n_tokens - *done).min(n_ubatch);
         let rows = &emb.data[*done * n_embd..(*done + n) * n_embd];
         let batch = Batch::sequence(Input::Embeddings(rows), n, t.pos, s.base, false);
+        let started = Instant::now();
         let out = self.session.decode(&batch)?;
+        self.stats.forward_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         record_step(&self.stats, 1, n);
         *done += n;
         t.pos += n as i32;

@@ -4,6 +4,7 @@
 pub mod conversion;
 pub mod fixtures;
 pub mod npy;
+pub mod png_bytes;
 pub mod server;
 
 use rand::rngs::StdRng;

@@ -127,6 +127,20 @@ impl Server {
     }
 }
 
+/// `run --json -t 2 --mmproj MMPROJ -m LLM ARGS...` (one question, as the CLI answers it): its JSON.
+pub fn run_json(llm: &Path, mmproj: &Path, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+        .args(["run", "--json", "-t", "2", "--mmproj"])
+        .arg(mmproj)
+        .arg("-m")
+        .arg(llm)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 pub fn client(timeout: Duration) -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(timeout).build().unwrap()
 }
