@@ -69,7 +69,12 @@ fn raw_step_ms(a: &Args, b: usize, steps: usize) -> f64 {
     let mut times = Vec::new();
     for i in 0..steps {
         let ids: Vec<u32> = (0..b as u32).map(|q| 400 + q + i as u32).collect();
-        let batch = Batch { input: Input::Tokens(&ids), pos: vec![32 + i as i32; b], seq: (0..b).collect(), logits: vec![true; b] };
+        let batch = Batch {
+            input: Input::Tokens(&ids),
+            pos: vec![32 + i as i32; b],
+            seq: (0..b).collect(),
+            logits: vec![true; b],
+        };
         let t = Instant::now();
         s.decode(&batch).unwrap();
         times.push(t.elapsed().as_secs_f64() * 1e3);
@@ -188,7 +193,12 @@ fn ttft(port: u16, question: &str) -> f64 {
 
 fn peak_rss_mb(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     kb / 1024.0
 }
 
@@ -222,8 +232,9 @@ fn main() {
     let alone = ttft(server.1, "孤独A: 日本の四季について詳しく説明してください。");
     let t0 = Instant::now();
     let late = std::thread::scope(|s| {
-        let busy: Vec<_> =
-            (0..3).map(|i| s.spawn(move || client(server.1, &format!("忙{i}: 長い話をしてください"), a.tokens * 3, t0))).collect();
+        let busy: Vec<_> = (0..3)
+            .map(|i| s.spawn(move || client(server.1, &format!("忙{i}: 長い話をしてください"), a.tokens * 3, t0)))
+            .collect();
         // Wait until all three decode.
         while get(server.1, "/stats")["slots_busy"].as_u64() != Some(3) || t0.elapsed() < Duration::from_secs(3) {
             std::thread::sleep(Duration::from_millis(100));

@@ -108,7 +108,8 @@ pub fn generate(
             session.cache.reorder(from);
         }
         let k = step.feed.len();
-        let batch = Batch { input: Input::Tokens(&step.feed), pos: vec![pos; k], seq: (0..k).collect(), logits: vec![true; k] };
+        let batch =
+            Batch { input: Input::Tokens(&step.feed), pos: vec![pos; k], seq: (0..k).collect(), logits: vec![true; k] };
         let out = session.decode(&batch)?;
         rows = out.chunks(n_vocab).map(|c| c.to_vec()).collect();
         pos += 1;

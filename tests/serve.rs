@@ -84,13 +84,17 @@ fn answers_match_run_reuse_the_cache_and_stream() {
     let text2 = a2["choices"][0]["message"]["content"].as_str().unwrap().to_string();
 
     // Another user asks about the same image: the preamble and image are shared, but not told.
-    let bob = json!({"user": "bob", "messages": [{"role": "user", "content": [image, {"type": "text", "text": "何色"}]}]});
+    let bob =
+        json!({"user": "bob", "messages": [{"role": "user", "content": [image, {"type": "text", "text": "何色"}]}]});
     let reused_before = server.stats()["prompt_positions_reused"].as_u64().unwrap();
     let (status, b) = server.post(&bob);
     assert_eq!(status, 200, "{b}");
     // Reported as computed: the counts must not tell bob what alice asked.
     assert_eq!(b["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{b}");
-    assert_eq!((b["timings"]["images_encoded"].as_u64(), b["timings"]["prompt_n"].as_u64()), (Some(1), b["usage"]["prompt_tokens"].as_u64()));
+    assert_eq!(
+        (b["timings"]["images_encoded"].as_u64(), b["timings"]["prompt_n"].as_u64()),
+        (Some(1), b["usage"]["prompt_tokens"].as_u64())
+    );
     let reused = server.stats()["prompt_positions_reused"].as_u64().unwrap() - reused_before;
     // (71 positions: 58 shared = preamble + 15 image positions; without the image 43.)
     assert!(reused >= prompt1 - 20, "the image came from alice's cells all the same: {reused} positions");
@@ -116,7 +120,13 @@ fn answers_match_run_reuse_the_cache_and_stream() {
         let (status, v) = server.post(&req);
         assert_eq!(status, 200, "{v}");
         let want = &text1[..text1.find(&cut).unwrap()];
-        assert_eq!((v["choices"][0]["message"]["content"].as_str().unwrap(), v["choices"][0]["finish_reason"].as_str().unwrap()), (want, "stop"));
+        assert_eq!(
+            (
+                v["choices"][0]["message"]["content"].as_str().unwrap(),
+                v["choices"][0]["finish_reason"].as_str().unwrap()
+            ),
+            (want, "stop")
+        );
         req["stream"] = json!(true);
         let (streamed, reason, _) = SseReader::open(&server, &req).rest();
         assert_eq!((streamed.as_str(), reason.as_str()), (want, "stop"));
@@ -126,7 +136,10 @@ fn answers_match_run_reuse_the_cache_and_stream() {
     for (bad, field) in [
         (json!({"messages": []}), "messages"),
         (json!({"messages": [user("x")], "temperature": "hot"}), "temperature"),
-        (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}), "not a supported image"),
+        (
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+            "not a supported image",
+        ),
         (json!({"messages": [user("<image>何ですか")]}), "<image>"),
     ] {
         let (status, body) = server.post(&bad);
@@ -143,7 +156,8 @@ fn answers_match_run_reuse_the_cache_and_stream() {
 fn events_arrive_while_the_answer_is_generated() {
     let m = model();
     let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048"]);
-    let req = json!({"messages": [user("長い話をしてください")], "max_tokens": 1500, "min_tokens": 1500, "stream": true});
+    let req =
+        json!({"messages": [user("長い話をしてください")], "max_tokens": 1500, "min_tokens": 1500, "stream": true});
     let mut sse = SseReader::open(&server, &req);
     sse.next().unwrap(); // the role chunk
     let (first, t_first) = sse.next().unwrap();
@@ -254,7 +268,8 @@ fn a_parked_conversation_comes_back() {
     let m = model();
     let server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-n", "6", "-c", "1024", "--parallel", "1"]);
     let image = image_part("images/rgb_80x60.png");
-    let a = json!({"user": "u", "messages": [{"role": "user", "content": [image, {"type": "text", "text": "何ですか"}]}]});
+    let a =
+        json!({"user": "u", "messages": [{"role": "user", "content": [image, {"type": "text", "text": "何ですか"}]}]});
     let (status, a1) = server.post(&a);
     assert_eq!(status, 200, "{a1}");
     let text = a1["choices"][0]["message"]["content"].as_str().unwrap();

@@ -166,7 +166,16 @@ fn local_paths_stay_inside_the_allowed_directory() {
     let (status, v) = s.post(&image_request(&format!("file://{}", root.join("ok.png").display())));
     assert_eq!(status, 200, "{v}");
     let mut texts = Vec::new();
-    for path in ["../../../../etc/passwd", "/etc/passwd", "passwd.png", "zero.png", "fifo.png", "/proc/self/environ", "missing.png", "."] {
+    for path in [
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "passwd.png",
+        "zero.png",
+        "fifo.png",
+        "/proc/self/environ",
+        "missing.png",
+        ".",
+    ] {
         let t = Instant::now();
         let (status, v) = s.post(&image_request(path));
         assert_eq!(status, 400, "{path}: {v}");
@@ -182,7 +191,11 @@ fn local_paths_stay_inside_the_allowed_directory() {
 fn api_key_and_cors_origins() {
     let dir = tempfile::tempdir().unwrap();
     let (llm, mmproj) = converted(dir.path());
-    let mut s = Server::start(&llm, &mmproj, &["--greedy", "-c", "512", "--api-key", "sesame", "--cors-origin", "http://ok.example"]);
+    let mut s = Server::start(
+        &llm,
+        &mmproj,
+        &["--greedy", "-c", "512", "--api-key", "sesame", "--cors-origin", "http://ok.example"],
+    );
     let c = client(Duration::from_secs(30));
     let body = json!({"messages": [user("q")], "max_tokens": 2});
     let url = s.url("/v1/chat/completions");

@@ -194,10 +194,13 @@ impl KvCache {
         let range = if width == MAX_SEQ { u64::MAX } else { ((1u64 << width) - 1) << base };
         for c in &mut self.cells {
             let old = c.seqs;
-            let moved = from
-                .iter()
-                .enumerate()
-                .fold(0, |acc, (i, &f)| if old & (1 << (base + f)) != 0 { acc | (1 << (base + i)) } else { acc });
+            let moved = from.iter().enumerate().fold(0, |acc, (i, &f)| {
+                if old & (1 << (base + f)) != 0 {
+                    acc | (1 << (base + i))
+                } else {
+                    acc
+                }
+            });
             c.seqs = (old & !range) | moved;
         }
     }

@@ -160,7 +160,12 @@ const MAX_STOP_BYTES: usize = 256;
 
 /// Parses and checks a request body. `defaults` are the server's decoding flags (the model card's unless
 /// overridden).
-pub fn parse(body: &[u8], defaults: &DecodingArgs, default_max: usize, lim: &RequestLimits) -> Result<Validated, BadRequest> {
+pub fn parse(
+    body: &[u8],
+    defaults: &DecodingArgs,
+    default_max: usize,
+    lim: &RequestLimits,
+) -> Result<Validated, BadRequest> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     let r: ChatCompletionRequest = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
@@ -176,7 +181,12 @@ pub fn parse(body: &[u8], defaults: &DecodingArgs, default_max: usize, lim: &Req
     validate(r, defaults, default_max, lim)
 }
 
-fn validate(r: ChatCompletionRequest, defaults: &DecodingArgs, default_max: usize, lim: &RequestLimits) -> Result<Validated, BadRequest> {
+fn validate(
+    r: ChatCompletionRequest,
+    defaults: &DecodingArgs,
+    default_max: usize,
+    lim: &RequestLimits,
+) -> Result<Validated, BadRequest> {
     if r.messages.is_empty() {
         return bad("messages: a non-empty array is required");
     }
@@ -349,7 +359,9 @@ fn message(i: usize, m: MessageIn, lim: &RequestLimits) -> Result<Option<Message
         "user" => Ok(Some(Message::User { text, images })),
         "assistant" if images.is_empty() => Ok(Some(Message::Assistant { text })),
         "assistant" => bad(format!("messages[{i}]: an assistant message cannot hold images")),
-        other => bad(format!("messages[{i}].role: {:?} is not user, assistant or system", other.escape_debug().to_string())),
+        other => {
+            bad(format!("messages[{i}].role: {:?} is not user, assistant or system", other.escape_debug().to_string()))
+        }
     }
 }
 
@@ -592,9 +604,18 @@ mod tests {
             (json!({"messages": [{"role": "user", "content": 5}]}), "messages[0].content"),
             (json!({"messages": [{"role": "robot", "content": "q"}]}), "messages[0].role"),
             (json!({"messages": [{"role": "user", "content": "x".repeat(1001)}]}), "bytes of text"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}), "--allow-paths"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(400))}}]}]}), "over 100 bytes"),
-            (json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]}), "base64"),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}]}),
+                "--allow-paths",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(400))}}]}]}),
+                "over 100 bytes",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]}),
+                "base64",
+            ),
             (json!({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}), "messages[0].content"),
         ] {
             let e = parse_json(body.clone()).err().unwrap_or_else(|| panic!("{body} accepted"));

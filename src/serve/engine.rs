@@ -140,7 +140,13 @@ impl Stats {
 enum Pending {
     Tokens(VecDeque<u32>),
     /// An image: its pixels until a step encodes them, then its embeddings, `done` rows of them computed.
-    Image { pixels: Vec<f32>, emb: Option<ImageEmbedding>, hash: [u8; 32], n_tokens: usize, done: usize },
+    Image {
+        pixels: Vec<f32>,
+        emb: Option<ImageEmbedding>,
+        hash: [u8; 32],
+        n_tokens: usize,
+        done: usize,
+    },
 }
 
 impl Pending {
@@ -254,7 +260,19 @@ impl<'m> Engine<'m> {
         let cell_bytes = session.cache.bytes() / session.cache.n_cells().max(1);
         let park_cells = cache_ram / cell_bytes.max(1);
         let parked_seqs = (parallel * width..MAX_SEQ).collect();
-        Engine { tok, session, encoder, n_image_tokens, slots, width, parked_seqs, parked: Vec::new(), park_cells, stats, tick: 0 }
+        Engine {
+            tok,
+            session,
+            encoder,
+            n_image_tokens,
+            slots,
+            width,
+            parked_seqs,
+            parked: Vec::new(),
+            park_cells,
+            stats,
+            tick: 0,
+        }
     }
 
     /// Serves jobs until every sender is gone.
@@ -354,7 +372,9 @@ impl<'m> Engine<'m> {
         // The idle slot to run in: the longest own prefix, then the least recently used.
         let target = (0..self.slots.len())
             .filter(|&i| self.slots[i].task.is_none())
-            .max_by_key(|&i| (prompt::reusable(&self.slots[i].items, items), std::cmp::Reverse(self.slots[i].last_used)))
+            .max_by_key(|&i| {
+                (prompt::reusable(&self.slots[i].items, items), std::cmp::Reverse(self.slots[i].last_used))
+            })
             .expect("a free slot");
         // What the target holds beyond the new prompt's prefix is parked, not lost.
         if prompt::reusable(&self.slots[target].items, items) < self.slots[target].items.len() {
@@ -718,9 +738,14 @@ impl<'m> Engine<'m> {
         let n_embd = self.session.model.hp.n_embd;
         let s = &mut self.slots[i];
         let t = s.task.as_mut().expect("prefilling");
-        let Some(Pending::Image { emb: Some(emb), hash, done, .. }) = t.pending.front_mut() else { unreachable!("checked") };
+        let Some(Pending::Image { emb: Some(emb), hash, done, .. }) = t.pending.front_mut() else {
+            unreachable!("checked")
+        };
         if emb.n_tokens * n_embd != emb.data.len() {
-            bail!("image embeddings of width {} do not fit the language model's {n_embd}", emb.data.len() / emb.n_tokens.max(1));
+            bail!(
+                "image embeddings of width {} do not fit the language model's {n_embd}",
+                emb.data.len() / emb.n_tokens.max(1)
+            );
         }
         let n = (emb.n_tokens - *done).min(n_ubatch);
         let rows = &emb.data[*done * n_embd..(*done + n) * n_embd];

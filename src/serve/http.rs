@@ -203,9 +203,17 @@ async fn check_host(State(st): State<Arc<AppState>>, req: Request, next: Next) -
 
 async fn require_key(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     if let Some(key) = &st.conf.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
-            let mut r = error(StatusCode::UNAUTHORIZED, "authentication_error", "a valid API key is required (Authorization: Bearer KEY)");
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                "authentication_error",
+                "a valid API key is required (Authorization: Bearer KEY)",
+            );
             r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             return r;
         }
@@ -233,8 +241,10 @@ async fn health(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn models(State(st): State<Arc<AppState>>) -> Response {
-    Json(serde_json::json!({"object": "list", "data": [{"id": st.info.name, "object": "model", "owned_by": "asagi-gguf",
-        "meta": {"n_ctx": st.info.n_ctx, "vision": st.info.preprocess.is_some()}}]}))
+    Json(
+        serde_json::json!({"object": "list", "data": [{"id": st.info.name, "object": "model", "owned_by": "asagi-gguf",
+        "meta": {"n_ctx": st.info.n_ctx, "vision": st.info.preprocess.is_some()}}]}),
+    )
     .into_response()
 }
 
@@ -252,12 +262,21 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
     if !json {
-        return error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid_request_error", "Content-Type: application/json is required");
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "invalid_request_error",
+            "Content-Type: application/json is required",
+        );
     }
     let max = st.conf.max_body;
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
-        return error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the body is over {} MiB", max >> 20));
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the body is over {} MiB", max >> 20),
+        );
     }
     let bytes: Bytes = match tokio::time::timeout(st.conf.body_timeout, axum::body::to_bytes(body, max)).await {
         Err(_) => {
@@ -266,7 +285,11 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
             return r;
         }
         Ok(Err(_)) => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", format!("the body could not be read or is over {} MiB", max >> 20))
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                format!("the body could not be read or is over {} MiB", max >> 20),
+            )
         }
         Ok(Ok(b)) => b,
     };
@@ -280,7 +303,9 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
     let (v, work) = match parsed.await {
         Ok((Ok(v), work)) => (v, work),
         Ok((Err(e), _)) => return bad_request(e),
-        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error reading the request"),
+        Err(_) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error reading the request")
+        }
     };
     let (stream, include_usage) = (v.stream, v.include_usage);
     let has_images = v.messages.iter().any(|m| matches!(m, Message::User { images, .. } if !images.is_empty()));
@@ -300,7 +325,9 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
     let job = match prepared.await {
         Ok(Ok(job)) => job,
         Ok(Err(e)) => return bad_request(e),
-        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error preparing the request"),
+        Err(_) => {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error preparing the request")
+        }
     };
     st.stats.queued.fetch_add(1, Ordering::Relaxed);
     if let Err(e) = st.engine.try_send(job) {
@@ -308,11 +335,17 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         return match e {
             mpsc::error::TrySendError::Full(_) => {
                 st.stats.rejected_busy.fetch_add(1, Ordering::Relaxed);
-                let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "every slot is busy and the queue is full; retry shortly");
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_busy",
+                    "every slot is busy and the queue is full; retry shortly",
+                );
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
-            mpsc::error::TrySendError::Closed(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped"),
+            mpsc::error::TrySendError::Closed(_) => {
+                error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped")
+            }
         };
     }
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
@@ -338,9 +371,18 @@ fn prepare(st: &AppState, v: Validated, events: mpsc::UnboundedSender<Event>) ->
             let bytes: &[u8] = match &im.source {
                 ImageSource::Data(b) => b,
                 ImageSource::Path(p) => {
-                    let dir = st.conf.allowed.as_ref().ok_or_else(|| BadRequest(format!("{}: local paths are off", im.at)))?;
+                    let dir = st
+                        .conf
+                        .allowed
+                        .as_ref()
+                        .ok_or_else(|| BadRequest(format!("{}: local paths are off", im.at)))?;
                     owned = dir.read(p, st.conf.limits.max_image_bytes as u64).map_err(|e| {
-                        eprintln!("{}: refused {:?}: {}", im.at, p.escape_debug().to_string(), e.reason().escape_debug());
+                        eprintln!(
+                            "{}: refused {:?}: {}",
+                            im.at,
+                            p.escape_debug().to_string(),
+                            e.reason().escape_debug()
+                        );
                         BadRequest(format!("{}: {e}", im.at))
                     })?;
                     &owned
@@ -382,7 +424,16 @@ fn prepare(st: &AppState, v: Validated, events: mpsc::UnboundedSender<Event>) ->
     }
     // The sampler and beam search check their parameters when they are made: do it now, not after the prefill.
     Decoder::new(&cfg, &p.ids).map_err(|e| BadRequest(format!("decoding parameters: {e:#}")))?;
-    Ok(Job { prompt: p, images, cfg, stops: v.stops, stream: v.stream, owner: v.user, events, queued_at: Instant::now() })
+    Ok(Job {
+        prompt: p,
+        images,
+        cfg,
+        stops: v.stops,
+        stream: v.stream,
+        owner: v.user,
+        events,
+        queued_at: Instant::now(),
+    })
 }
 
 /// A whole answer as one JSON body. If the client leaves, this future is dropped, the receiver with it, and the

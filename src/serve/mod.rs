@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::load::{Loaded, ModelArgs};
 use crate::llm::MAX_SEQ;
+use crate::load::{Loaded, ModelArgs};
 use crate::preprocess::{ImageLimits, PreprocessConfig};
 use crate::run_cmd::DecodingArgs;
 use crate::tokenizer::Tokenizer;
@@ -164,11 +164,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .context("starting the engine thread")?;
     let info = ready_rx.recv().context("the engine thread ended while loading")??;
 
-    let image_limits = ImageLimits {
-        max_pixels: a.max_image_pixels,
-        max_bytes: a.max_image_work_mb << 20,
-        ..ImageLimits::default()
-    };
+    let image_limits =
+        ImageLimits { max_pixels: a.max_image_pixels, max_bytes: a.max_image_work_mb << 20, ..ImageLimits::default() };
     let limits = api::RequestLimits {
         max_text_bytes: a.max_text_kb << 10,
         max_images: a.max_images,
@@ -194,10 +191,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         image_limits,
         allowed,
     };
-    eprintln!(
-        "{} slots x {width} sequences, context {} cells shared, queue {}",
-        a.parallel, info.n_ctx, a.queue
-    );
+    eprintln!("{} slots x {width} sequences, context {} cells shared, queue {}", a.parallel, info.n_ctx, a.queue);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(8)

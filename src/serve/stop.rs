@@ -13,7 +13,11 @@ pub struct StopMatcher {
 impl StopMatcher {
     /// `stops`: non-empty strings (empty ones are ignored).
     pub fn new(stops: &[String]) -> StopMatcher {
-        StopMatcher { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), held: String::new(), stopped: false }
+        StopMatcher {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+            stopped: false,
+        }
     }
 
     /// True once a stop string was seen: nothing more is released.
@@ -35,12 +39,7 @@ impl StopMatcher {
             return out;
         }
         // Hold back the longest suffix that is a proper prefix of some stop string.
-        let keep = self
-            .stops
-            .iter()
-            .map(|s| longest_suffix_prefix(&self.held, s))
-            .max()
-            .unwrap_or(0);
+        let keep = self.stops.iter().map(|s| longest_suffix_prefix(&self.held, s)).max().unwrap_or(0);
         let cut = self.held.len() - keep;
         let out = self.held[..cut].to_string();
         self.held.drain(..cut);
@@ -56,7 +55,10 @@ impl StopMatcher {
 /// Length in bytes of the longest suffix of `text` that is a proper prefix of `stop`, cut at a character boundary.
 fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
     let max = (stop.len() - 1).min(text.len());
-    (1..=max).rev().find(|&n| text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..])).unwrap_or(0)
+    (1..=max)
+        .rev()
+        .find(|&n| text.is_char_boundary(text.len() - n) && stop.starts_with(&text[text.len() - n..]))
+        .unwrap_or(0)
 }
 
 /// `text` cut before the first occurrence of any stop string; the bool tells whether one occurred.
