@@ -175,7 +175,6 @@ struct Task<'m> {
     usage: Usage,
     admitted: Instant,
     first_token: Option<Instant>,
-    max_new: usize,
 }
 
 impl Task<'_> {
@@ -186,7 +185,7 @@ impl Task<'_> {
             Some(d) => (d.n_seqs(), d.steps()),
             None => (self.job.cfg.num_beams.max(1), 0),
         };
-        prompt + seqs * self.max_new.saturating_sub(steps)
+        prompt + seqs * self.job.cfg.max_new_tokens.unwrap_or(1).saturating_sub(steps)
     }
 }
 
@@ -464,7 +463,6 @@ impl<'m> Engine<'m> {
         if !tokens.is_empty() {
             pending.push_back(Pending::Tokens(tokens));
         }
-        let max_new = job.cfg.max_new_tokens.unwrap_or(1);
         let stop = StopMatcher::new(&job.stops);
         let pos = reused as i32;
         let task = Task {
@@ -485,7 +483,6 @@ impl<'m> Engine<'m> {
             },
             admitted,
             first_token: None,
-            max_new,
             job,
         };
         self.slots[target].task = Some(task);
