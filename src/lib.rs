@@ -16,6 +16,7 @@ pub mod info;
 pub mod interrupt;
 pub mod llm;
 pub mod load;
+pub mod memory;
 pub mod multimodal;
 pub mod preprocess;
 pub mod progress;

@@ -8,8 +8,9 @@ use ggml::gguf::GgufFile;
 use ggml::{Backend, Type};
 
 use crate::llm::{is_matmul_weight, offloaded_tensors, LlamaModel, Session, SessionParams};
+use crate::memory::{self, Estimate, MemCheck};
 use crate::tokenizer::Tokenizer;
-use crate::vision::VisionModel;
+use crate::vision::{VisionEncoder, VisionModel};
 use crate::weights::{self, Placement};
 
 /// The model files and how to run them (shared by `run` and `chat`).
@@ -38,6 +39,15 @@ pub struct ModelArgs {
     /// Worker threads [default: physical cores].
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
+    /// Before loading, estimate the memory the model will hold (weights, KV cache at the full context, compute
+    /// buffers) and refuse when it exceeds the available memory (MemAvailable or the cgroup limit); `off` loads
+    /// anyway.
+    #[arg(long, value_enum, default_value_t = MemCheck::On)]
+    pub mem_check: MemCheck,
+    /// Lock the weights in RAM (mlock), as llama.cpp's --mlock: the kernel never drops or swaps them out.
+    /// Needs a large enough `ulimit -l` (RLIMIT_MEMLOCK); if the lock fails a warning says so and loading goes on.
+    #[arg(long)]
+    pub mlock: bool,
 }
 
 impl ModelArgs {
@@ -51,6 +61,8 @@ impl ModelArgs {
             no_repack: false,
             cache_type: "f16".into(),
             threads: None,
+            mem_check: MemCheck::On,
+            mlock: false,
         }
     }
 
@@ -74,18 +86,31 @@ pub struct Loaded {
     gpu: Option<Backend>,
     cache_type: Type,
     ctx_size: Option<usize>,
+    /// What `open` estimated it would hold (printed before loading).
+    pub estimate: Estimate,
 }
 
 impl Loaded {
-    /// Opens the language model, and the mmproj file when `vision` (it must then be given).
+    /// Opens the language model, and the mmproj file when `vision` (it must then be given). Before any weight is
+    /// copied or any cache page touched, prints the memory estimate (`crate::memory`) and refuses a model that
+    /// does not fit (unless `--mem-check off`).
     pub fn open(a: &ModelArgs, vision: bool) -> Result<Loaded> {
         let cache_type = a.cache_type()?;
         if vision && a.mmproj.is_none() {
             bail!("images need --mmproj (the vision encoder's GGUF)");
         }
+        // Opening and mapping read headers only: the weights' pages are read on first use.
         let mut llm = GgufFile::open(&a.model)?;
         llm.map_weights()?;
         let (tok, _) = Tokenizer::from_gguf(&llm)?;
+        let mut mmproj = match (&a.mmproj, vision) {
+            (Some(path), true) => {
+                let mut f = GgufFile::open(path)?;
+                f.map_weights()?;
+                Some(f)
+            }
+            _ => None,
+        };
         let cpu = Backend::cpu(a.threads.unwrap_or_else(num_cpus::get_physical))?;
         // -ngl: upload the offloaded layers to the GPU; the scheduler runs each op where its weights are.
         let gpu = match a.n_gpu_layers {
@@ -98,18 +123,36 @@ impl Loaded {
             Some(_) => offloaded_tensors(&llm, a.n_gpu_layers)?,
             None => Vec::new(),
         };
-        let llm_placed =
-            weights::place(&llm, gpu.as_ref().map(|g| (g, &offloaded[..])), !a.no_repack, is_matmul_weight)?;
-        let mmproj = match (&a.mmproj, vision) {
-            (Some(path), true) => {
-                let mut f = GgufFile::open(path)?;
-                f.map_weights()?;
-                let placed = weights::place(&f, None, !a.no_repack, crate::vision::is_matmul_weight)?;
-                Some((f, placed))
+        let llm_plan = weights::plan(&llm, &offloaded, !a.no_repack, is_matmul_weight);
+        let mm_plan = mmproj.as_ref().map(|f| weights::plan(f, &[], !a.no_repack, crate::vision::is_matmul_weight));
+
+        let estimate = estimate(&llm, &llm_plan, mmproj.as_ref().zip(mm_plan.as_ref()), &cpu, a.ctx_size, cache_type)?;
+        eprintln!("{}", estimate.summary());
+        memory::check(&estimate, memory::available().as_ref(), a.mem_check)?;
+
+        let llm_placed = weights::apply(&llm, &llm_plan, gpu.as_ref())?;
+        let mmproj = match (mmproj.take(), mm_plan) {
+            (Some(f), Some(p)) => {
+                let placed = weights::apply(&f, &p, None)?;
+                Some((f, placed, p.moved()))
             }
             _ => None,
         };
-        Ok(Loaded { llm, llm_placed, mmproj, tok, cpu, gpu, cache_type, ctx_size: a.ctx_size })
+        if a.mlock {
+            let files = [(&llm, &llm_placed, llm_plan.moved())].into_iter().chain(mmproj.iter().map(|(f, p, m)| (f, p, m.clone())));
+            let mut locked = 0;
+            for (file, placed, moved) in files {
+                let copies: std::io::Result<usize> = placed.contexts.iter().try_fold(0, |n, c| Ok(n + c.lock_in_ram()?));
+                match (file.lock_in_place(&moved), copies) {
+                    (Ok(m), Ok(c)) => locked += m + c,
+                    (Err(e), _) => eprintln!("warning: --mlock: {e} (raise `ulimit -l`; loading goes on unlocked)"),
+                    (_, Err(e)) => eprintln!("warning: --mlock of repacked weights: {e} (raise `ulimit -l`)"),
+                }
+            }
+            eprintln!("locked {:.2} GB of weights in RAM", locked as f64 / 1e9);
+        }
+        let mmproj = mmproj.map(|(f, p, _)| (f, p));
+        Ok(Loaded { llm, llm_placed, mmproj, tok, cpu, gpu, cache_type, ctx_size: a.ctx_size, estimate })
     }
 
     /// GPU first (when there is one), CPU last.
@@ -150,4 +193,38 @@ impl Loaded {
             .filter_map(|(f, p)| p.summary().map(|s| format!("{}: {s}", f.path().display())))
             .collect()
     }
+}
+
+/// The memory the model will hold once loaded and run (`crate::memory`): the placement plans give the weights, a
+/// session and a vision encoder built over the weights in place give the KV cache and the compute buffers ggml
+/// reserves (address space only: nothing is touched, nothing computed), the process's resident memory the rest.
+fn estimate(
+    llm: &GgufFile,
+    llm_plan: &weights::Plan,
+    mmproj: Option<(&GgufFile, &weights::Plan)>,
+    cpu: &Backend,
+    ctx_size: Option<usize>,
+    cache_type: Type,
+) -> Result<Estimate> {
+    let model = LlamaModel::load(llm)?;
+    let n_ctx = ctx_size.unwrap_or(model.hp.n_ctx_train);
+    let session = Session::new(&model, &[cpu], &SessionParams { n_ctx, cache_type, ..Default::default() })?;
+    let mut e = Estimate {
+        weights_mapped: llm_plan.mapped_bytes(llm) as u64,
+        weights_repacked: llm_plan.repacked_bytes() as u64,
+        weights_gpu: llm_plan.gpu_bytes(llm) as u64,
+        kv: session.cache.bytes() as u64,
+        kv_cells: session.cache.n_cells(),
+        kv_type: cache_type.to_string(),
+        compute_llm: session.compute_bytes() as u64,
+        ..Default::default()
+    };
+    if let Some((file, plan)) = mmproj {
+        let vmodel = VisionModel::load(file)?;
+        e.weights_mapped += plan.mapped_bytes(file) as u64;
+        e.weights_repacked += plan.repacked_bytes() as u64;
+        e.compute_vision = VisionEncoder::new(&vmodel, &[cpu])?.compute_bytes() as u64;
+    }
+    e.program = memory::resident().unwrap_or(0);
+    Ok(e)
 }

@@ -34,29 +34,47 @@ impl Placement {
     }
 }
 
-/// Places `file`'s tensors: `gpu` takes the named ones; with `repack`, every other tensor for which `is_matmul`
-/// holds (a weight only ever used as the first operand of a matrix product) goes to the first CPU extra buffer
-/// type that supports it.
-pub fn place(
-    file: &GgufFile,
-    gpu: Option<(&Backend, &[String])>,
-    repack: bool,
-    is_matmul: impl Fn(&str) -> bool,
-) -> Result<Placement> {
-    let mut placement = Placement::default();
-    let mut moved: Vec<String> = Vec::new();
-    if let Some((backend, names)) = gpu {
-        let ctx = file.upload(names, backend.buffer_type()).with_context(|| {
-            format!("{}: uploading {} tensors to {}", file.path().display(), names.len(), backend.name())
-        })?;
-        placement.contexts.push(ctx);
-        moved.extend_from_slice(names);
+/// Where `place` will put a file's tensors, decided without copying anything (the memory estimate reads it).
+pub struct Plan {
+    /// Tensors for the GPU.
+    pub gpu: Vec<String>,
+    /// Per CPU extra buffer type: the tensors it repacks and their bytes.
+    pub repack: Vec<(BufferType, Vec<String>, usize)>,
+}
+
+impl Plan {
+    /// Bytes that stay in the mapped file (read in place).
+    pub fn mapped_bytes(&self, file: &GgufFile) -> usize {
+        file.tensor_infos().iter().filter(|i| !self.moves(&i.name)).map(|i| i.size).sum()
     }
+
+    pub fn repacked_bytes(&self) -> usize {
+        self.repack.iter().map(|g| g.2).sum()
+    }
+
+    pub fn gpu_bytes(&self, file: &GgufFile) -> usize {
+        file.tensor_infos().iter().filter(|i| self.gpu.contains(&i.name)).map(|i| i.size).sum()
+    }
+
+    /// Tensors moved out of the mapping (to the GPU or repacked).
+    pub fn moved(&self) -> Vec<String> {
+        self.gpu.iter().chain(self.repack.iter().flat_map(|g| g.1.iter())).cloned().collect()
+    }
+
+    fn moves(&self, name: &str) -> bool {
+        self.gpu.iter().any(|n| n == name) || self.repack.iter().any(|g| g.1.iter().any(|n| n == name))
+    }
+}
+
+/// Decides placement: `gpu` tensors go to the GPU; with `repack`, every other tensor for which `is_matmul` holds
+/// (a weight only ever used as the first operand of a matrix product) goes to the first CPU extra buffer type that
+/// supports it (ggml answers for this CPU, type and shape).
+pub fn plan(file: &GgufFile, gpu: &[String], repack: bool, is_matmul: impl Fn(&str) -> bool) -> Plan {
+    let mut groups: Vec<(BufferType, Vec<String>, usize)> = Vec::new();
     if repack {
-        let extra = BufferType::cpu_extra();
-        let mut groups: Vec<(BufferType, Vec<String>, usize)> = extra.iter().map(|&b| (b, Vec::new(), 0)).collect();
+        groups = BufferType::cpu_extra().iter().map(|&b| (b, Vec::new(), 0)).collect();
         for info in file.tensor_infos() {
-            if moved.contains(&info.name) || !is_matmul(&info.name) {
+            if gpu.contains(&info.name) || !is_matmul(&info.name) {
                 continue;
             }
             let Some(t) = file.tensor(&info.name) else { continue };
@@ -65,13 +83,38 @@ pub fn place(
                 g.2 += info.size;
             }
         }
-        for (buft, names, bytes) in groups.into_iter().filter(|g| !g.1.is_empty()) {
-            let ctx = file.upload(&names, buft).with_context(|| {
-                format!("{}: repacking {} tensors for {}", file.path().display(), names.len(), buft.name())
-            })?;
-            placement.contexts.push(ctx);
-            placement.repacked.push((buft.name(), names.len(), bytes));
-        }
+        groups.retain(|g| !g.1.is_empty());
+    }
+    Plan { gpu: gpu.to_vec(), repack: groups }
+}
+
+/// Carries out `plan`: uploads to the GPU `backend`, repacks for the CPU (the mapped pages of each moved tensor
+/// are handed back as it is copied).
+pub fn apply(file: &GgufFile, plan: &Plan, gpu: Option<&Backend>) -> Result<Placement> {
+    let mut placement = Placement::default();
+    if let (Some(backend), false) = (gpu, plan.gpu.is_empty()) {
+        let ctx = file.upload(&plan.gpu, backend.buffer_type()).with_context(|| {
+            format!("{}: uploading {} tensors to {}", file.path().display(), plan.gpu.len(), backend.name())
+        })?;
+        placement.contexts.push(ctx);
+    }
+    for (buft, names, bytes) in &plan.repack {
+        let ctx = file.upload(names, *buft).with_context(|| {
+            format!("{}: repacking {} tensors for {}", file.path().display(), names.len(), buft.name())
+        })?;
+        placement.contexts.push(ctx);
+        placement.repacked.push((buft.name(), names.len(), *bytes));
     }
     Ok(placement)
+}
+
+/// `plan` then `apply` in one step.
+pub fn place(
+    file: &GgufFile,
+    gpu: Option<(&Backend, &[String])>,
+    repack: bool,
+    is_matmul: impl Fn(&str) -> bool,
+) -> Result<Placement> {
+    let p = plan(file, gpu.map_or(&[][..], |g| g.1), repack, is_matmul);
+    apply(file, &p, gpu.map(|g| g.0))
 }

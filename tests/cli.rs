@@ -1,11 +1,13 @@
 //! The command line end to end: `demo` (what the README tells newcomers to run), then `info`, `tokenize`,
 //! `run --json` and `chat --json` on the files it made.
 
+mod common;
+
 use std::io::Write;
 use std::process::{Command, Stdio};
 
 fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+    common::asagi_gguf()
 }
 
 #[test]

@@ -178,7 +178,7 @@ fn not_an_asagi_folder() {
 fn cli_reports_errors_on_one_line_with_exit_code_1() {
     let tmp = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+        common::asagi_gguf()
             .args(args)
             .current_dir(tmp.path())
             .output()

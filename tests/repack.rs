@@ -10,9 +10,16 @@ use asagi_gguf::weights;
 use common::fixtures;
 use ggml::{Backend, BufferType, Type};
 
-/// This CPU has a repack buffer type (every x86-64 with AVX2 and every ARM with dot products does).
-fn repack_available() -> bool {
-    BufferType::cpu_extra().iter().any(|b| b.name() == "CPU_REPACK")
+/// The weight types ggml repacks on this CPU, asked of ggml itself (its CPU_REPACK buffer type, as llama.cpp asks
+/// before placing a weight) for a 256 x 64 matrix of each type our converter writes: on x86-64 with AVX2 Q4_0, Q4_K
+/// and IQ4_NL; on ARM with dot products also Q5_K, Q6_K and Q8_0; on armv8.0 (Raspberry Pi 4) none.
+fn repacked_types() -> Vec<Type> {
+    let Some(repack) = BufferType::cpu_extra().into_iter().find(|b| b.name() == "CPU_REPACK") else { return vec![] };
+    let ctx = ggml::Context::new(16, 0).unwrap();
+    [Type::Q4_0, Type::Q5_0, Type::Q8_0, Type::Q4K, Type::Q5K, Type::Q6K, Type::IQ4NL, Type::F16]
+        .into_iter()
+        .filter(|&ty| repack.supports_mul_mat(ctx.new_tensor(ty, &[256, 64])))
+        .collect()
 }
 
 /// max |a - b| / max |a|.
@@ -24,37 +31,47 @@ fn rel(a: &[f32], b: &[f32]) -> f64 {
 
 #[test]
 fn repacked_language_model_matches_mapped() {
-    let files = common::conversion::converted("base-default-f32", LlmType::Q4_0, MmprojType::F16);
-    let placed = weights::place(&files.llm, None, true, asagi_gguf::llm::is_matmul_weight).unwrap();
-    if repack_available() {
-        let (_, n, _) = placed.repacked.iter().find(|r| r.0 == "CPU_REPACK").expect("Q4_0 matrices repacked");
-        // 2 layers x 7 matrices, all Q4_0 with rows in multiples of 8; not the embeddings, not the 1202-row output.
-        assert!(*n >= 14, "{n} tensors repacked");
-    }
+    let types = repacked_types();
+    eprintln!("ggml repacks {types:?} on this CPU");
     let g = fixtures::goldens("base-default-f32");
     let prompt: Vec<u32> = fixtures::ids(&g["prompts"]["text"]["input_ids"]).iter().map(|&x| x as u32).collect();
+    let hf = common::npy::read(&fixtures::root().join("golden/base-default-f32/logits/text.npy"));
+    let hf: Vec<f32> = hf.data.iter().map(|&x| x as f32).collect();
     let backend = Backend::cpu(2).unwrap();
     // Micro-batches of 5 rows: the 4-row kernels and the 1-row ones both run.
     let params = SessionParams { n_ctx: 128, n_ubatch: 5, cache_type: Type::F32 };
     let logits = |model: &LlamaModel| {
         Session::new(model, &[&backend], &params).unwrap().prefill(Input::Tokens(&prompt), 0, 0, true).unwrap()
     };
-    let mapped = logits(&LlamaModel::load(&files.llm).unwrap());
-    let repacked = logits(&LlamaModel::load_with(&files.llm, &placed.contexts).unwrap());
-    // Same quantized weights, other kernels: another summation order, and the activations' 8-bit rounding done by
-    // a SIMD routine (ties to even) instead of the scalar one. The two must differ far less than either differs
-    // from HF's float32 logits (the Q4_0 quantization error, ~7e-2 here); a wrong layout would differ by ~1.
-    let hf = common::npy::read(&fixtures::root().join("golden/base-default-f32/logits/text.npy"));
-    let hf: Vec<f32> = hf.data.iter().map(|&x| x as f32).collect();
-    let (e, e_mapped, e_repacked) = (rel(&mapped, &repacked), rel(&hf, &mapped), rel(&hf, &repacked));
-    eprintln!("repacked vs mapped {e:.2e}; vs HF: mapped {e_mapped:.2e}, repacked {e_repacked:.2e}");
-    assert!(e < 0.05 * e_mapped, "repacked vs mapped logits: {e:.2e} (quantization error {e_mapped:.2e})");
-    assert!(e_repacked < 1.05 * e_mapped, "repacked is further from HF: {e_repacked:.2e} vs {e_mapped:.2e}");
-    // Reading a repacked weight back is refused, not undefined.
-    let t = placed.contexts.iter().find_map(|c| c.get_tensor("blk.0.attn_q.weight"));
-    if let (Some(t), true) = (t, repack_available()) {
+    // The converter's mixes whose matrices ggml repacks somewhere: Q4_0 (x86, ARM dotprod), Q8_0 (ARM dotprod),
+    // Q4_K_M (Q4_K everywhere it repacks, Q6_K on ARM).
+    for (ty, main) in [(LlmType::Q4_0, Type::Q4_0), (LlmType::Q8_0, Type::Q8_0), (LlmType::Q4KM, Type::Q4K)] {
+        let files = common::conversion::converted("base-default-f32", ty, MmprojType::F16);
+        let placed = weights::place(&files.llm, None, true, asagi_gguf::llm::is_matmul_weight).unwrap();
+        let n: usize = placed.repacked.iter().map(|r| r.1).sum();
+        // Only what ggml says it repacks is moved; the rest stays in the mapped file.
+        for t in placed.contexts.iter().flat_map(|c| c.tensors()) {
+            assert!(types.contains(&t.ty()), "{ty:?}: {} of type {} repacked", t.name(), t.ty());
+        }
+        if !types.contains(&main) {
+            eprintln!("{ty:?}: {main} is not repacked on this CPU ({n} tensors of other types)");
+            continue;
+        }
+        // 2 layers x 7 matrices of the main type, rows in multiples of 8; not the embeddings, not the 1202-row output.
+        assert!(n >= 14, "{ty:?}: {n} tensors repacked");
+        let mapped = logits(&LlamaModel::load(&files.llm).unwrap());
+        let repacked = logits(&LlamaModel::load_with(&files.llm, &placed.contexts).unwrap());
+        // Same quantized weights, other kernels: another summation order, and the activations' 8-bit rounding done
+        // by a SIMD routine (ties to even) instead of the scalar one. The two must differ far less than either
+        // differs from HF's float32 logits (the quantization error: ~7e-2 for Q4_0 here); a wrong layout would
+        // differ by ~1.
+        let (e, e_mapped, e_repacked) = (rel(&mapped, &repacked), rel(&hf, &mapped), rel(&hf, &repacked));
+        eprintln!("{ty:?}: {n} tensors; repacked vs mapped {e:.2e}; vs HF: mapped {e_mapped:.2e}, repacked {e_repacked:.2e}");
+        assert!(e < 0.05 * e_mapped, "{ty:?}: repacked vs mapped logits: {e:.2e} (quantization error {e_mapped:.2e})");
+        assert!(e_repacked < 1.05 * e_mapped, "{ty:?}: repacked is further from HF: {e_repacked:.2e} vs {e_mapped:.2e}");
+        // Reading a repacked weight back is refused, not undefined.
         let owner = placed.contexts.iter().find(|c| c.get_tensor("blk.0.attn_q.weight").is_some()).unwrap();
-        assert!(owner.read::<u8>(t).is_err());
+        assert!(owner.read::<u8>(owner.get_tensor("blk.0.attn_q.weight").unwrap()).is_err());
     }
 }
 
@@ -62,9 +79,7 @@ fn repacked_language_model_matches_mapped() {
 fn repacked_vision_tower_matches_mapped() {
     let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::Q4_0);
     let placed = weights::place(&files.mmproj, None, true, asagi_gguf::vision::is_matmul_weight).unwrap();
-    if repack_available() {
-        assert!(!placed.repacked.is_empty(), "Q4_0 vision matrices repacked");
-    }
+    assert_eq!(!placed.repacked.is_empty(), repacked_types().contains(&Type::Q4_0), "Q4_0 vision matrices repacked");
     let backend = Backend::cpu(2).unwrap();
     let px = common::npy::read(&fixtures::root().join("golden/preprocess/s56/rgb_80x60.png.pixel_values.npy")).as_f32();
     let encode = |model: &VisionModel| {

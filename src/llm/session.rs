@@ -2,7 +2,7 @@
 //! tokens (ids or ready embeddings) and returns the logits of the rows asked for.
 
 use anyhow::{bail, Context as _, Result};
-use ggml::{Backend, Context, Scheduler, Type};
+use ggml::{Backend, Context, Graph, Scheduler, Tensor, Type};
 
 use super::kv_cache::KvCache;
 use super::model::{GraphInputs, LlamaModel};
@@ -64,6 +64,7 @@ pub struct Session<'a> {
     sched: Scheduler<'a>,
     n_ubatch: usize,
     max_nodes: usize,
+    backends: Vec<&'a Backend>,
     /// Called with the row count of every batch computed (a progress bar over a long prompt).
     progress: Option<Box<dyn FnMut(usize) + 'a>>,
 }
@@ -76,7 +77,55 @@ impl<'a> Session<'a> {
         let cache = KvCache::new(&model.hp, p.n_ctx, p.cache_type, first)?;
         let max_nodes = 64 + 48 * model.hp.n_layer;
         let sched = Scheduler::new(backends, max_nodes)?;
-        Ok(Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes, progress: None })
+        let mut session =
+            Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes, backends: backends.to_vec(), progress: None };
+        session.reserve()?;
+        Ok(session)
+    }
+
+    /// Reserves the compute buffers for the largest graph this session runs: a full micro-batch attending to every
+    /// cell, with logits for up to 64 rows (a decode step of every sequence), as llama.cpp reserves its worst case.
+    /// No later batch then reallocates, and `compute_bytes` is known before anything is computed. The buffers are
+    /// only reserved: their pages become resident as graphs use them.
+    fn reserve(&mut self) -> Result<()> {
+        let (n, n_kv) = (self.n_ubatch.min(self.cache.n_cells()).max(1), self.cache.n_cells());
+        let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
+        let (_, gf, _) = self.graph(&ctx, n, n_kv, n.min(64), false);
+        self.sched.reserve(&gf)?;
+        Ok(())
+    }
+
+    /// Bytes of the compute buffers on the host (the GPU's are not host memory).
+    pub fn compute_bytes(&self) -> usize {
+        self.backends.iter().filter(|b| b.is_cpu()).map(|b| self.sched.buffer_size(b)).sum()
+    }
+
+    /// The language model's graph for `n` rows attending to `n_kv` cells, with logits for `n_out` rows.
+    fn graph<'g>(
+        &self,
+        ctx: &'g Context,
+        n: usize,
+        n_kv: usize,
+        n_out: usize,
+        embeddings: bool,
+    ) -> (GraphInputs<'g>, Graph<'g>, Tensor<'g>) {
+        let hp = &self.model.hp;
+        let (tokens, embeddings) = match embeddings {
+            false => (Some(ctx.new_tensor(Type::I32, &[n]).named("inp_tokens").set_input()), None),
+            true => (None, Some(ctx.new_tensor(Type::F32, &[hp.n_embd, n]).named("inp_embd").set_input())),
+        };
+        let inputs = GraphInputs {
+            tokens,
+            embeddings,
+            pos: ctx.new_tensor(Type::I32, &[n]).named("inp_pos").set_input(),
+            mask: ctx.new_tensor(Type::F16, &[n_kv, n]).named("kq_mask").set_input(),
+            kv_idx: ctx.new_tensor(Type::I64, &[n]).named("kv_idx").set_input(),
+            out_ids: ctx.new_tensor(Type::I32, &[n_out]).named("out_ids").set_input(),
+        };
+        let cache = self.cache.tensors();
+        let mut gf = ctx.new_graph(self.max_nodes);
+        let logits = self.model.build_graph(ctx, &mut gf, &inputs, &cache, n, n_kv);
+        (inputs, gf, logits)
     }
 
     pub fn n_ubatch(&self) -> usize {
@@ -129,28 +178,15 @@ impl<'a> Session<'a> {
         }
 
         let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
-        let (tokens, embeddings) = match batch.input {
-            Input::Tokens(_) => (Some(ctx.new_tensor(Type::I32, &[n]).named("inp_tokens").set_input()), None),
-            Input::Embeddings(_) => {
-                (None, Some(ctx.new_tensor(Type::F32, &[hp.n_embd, n]).named("inp_embd").set_input()))
-            }
-        };
-        let inputs = GraphInputs {
-            tokens,
-            embeddings,
-            pos: ctx.new_tensor(Type::I32, &[n]).named("inp_pos").set_input(),
-            mask: ctx.new_tensor(Type::F16, &[n_kv, n]).named("kq_mask").set_input(),
-            kv_idx: ctx.new_tensor(Type::I64, &[n]).named("kv_idx").set_input(),
-            out_ids: ctx.new_tensor(Type::I32, &[out_ids.len()]).named("out_ids").set_input(),
-        };
-        let cache = self.cache.tensors();
-        let mut gf = ctx.new_graph(self.max_nodes);
-        let logits = self.model.build_graph(&ctx, &mut gf, &inputs, &cache, n, n_kv);
+        let embeddings = matches!(batch.input, Input::Embeddings(_));
+        let (inputs, gf, logits) = self.graph(&ctx, n, n_kv, out_ids.len(), embeddings);
 
         self.sched.alloc(&gf)?;
         match batch.input {
-            Input::Tokens(t) => self.sched.write(tokens.unwrap(), &t.iter().map(|&x| x as i32).collect::<Vec<_>>())?,
-            Input::Embeddings(e) => self.sched.write(embeddings.unwrap(), e)?,
+            Input::Tokens(t) => {
+                self.sched.write(inputs.tokens.unwrap(), &t.iter().map(|&x| x as i32).collect::<Vec<_>>())?
+            }
+            Input::Embeddings(e) => self.sched.write(inputs.embeddings.unwrap(), e)?,
         }
         self.sched.write(inputs.pos, &batch.pos)?;
         self.sched.write(inputs.mask, &self.cache.mask(n_kv, &batch.pos, &batch.seq))?;

@@ -21,12 +21,29 @@ pub struct VisionEncoder<'a> {
     pub model: &'a VisionModel<'a>,
     sched: Scheduler<'a>,
     max_nodes: usize,
+    backends: Vec<&'a Backend>,
 }
 
 impl<'a> VisionEncoder<'a> {
     pub fn new(model: &'a VisionModel<'a>, backends: &[&'a Backend]) -> Result<VisionEncoder<'a>> {
         let max_nodes = 64 + 80 * model.hp.n_layer;
-        Ok(VisionEncoder { model, sched: Scheduler::new(backends, max_nodes)?, max_nodes })
+        let mut sched = Scheduler::new(backends, max_nodes)?;
+        // Reserve the compute buffers for one image now (they are only reserved: pages become resident when the
+        // first image is encoded), so that `compute_bytes` is known before anything is computed.
+        {
+            let s = model.hp.image_size;
+            let ctx = Context::new(max_nodes * 2, max_nodes)?;
+            let inp = ctx.new_tensor(Type::F32, &[s, s, 3, 1]).named("inp_raw").set_input();
+            let mut gf = ctx.new_graph(max_nodes);
+            model.build_graph(&ctx, &mut gf, inp, 1);
+            sched.reserve(&gf)?;
+        }
+        Ok(VisionEncoder { model, sched, max_nodes, backends: backends.to_vec() })
+    }
+
+    /// Bytes of the compute buffers on the host (the GPU's are not host memory).
+    pub fn compute_bytes(&self) -> usize {
+        self.backends.iter().filter(|b| b.is_cpu()).map(|b| self.sched.buffer_size(b)).sum()
     }
 
     /// Reads, preprocesses (exactly as HF's SiglipImageProcessor) and encodes an image file.

@@ -7,8 +7,27 @@ pub mod npy;
 pub mod png_bytes;
 pub mod server;
 
+use std::process::Command;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+/// A command for the `asagi-gguf` binary under test. Under cross-compiled tests (`.cargo/aarch64-linux.toml`) the
+/// binary is an ARM one: it starts through the same emulator cargo runs the test binaries with, named by
+/// `ASAGI_TEST_RUNNER` (a program and its arguments, split at spaces).
+pub fn asagi_gguf() -> Command {
+    let bin = env!("CARGO_BIN_EXE_asagi-gguf");
+    let runner = std::env::var("ASAGI_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(words).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
 
 /// A random generator with a fresh seed each run (or `ASAGI_TEST_SEED`), and the seed to print on failure.
 pub fn rng() -> (StdRng, u64) {

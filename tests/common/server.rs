@@ -29,7 +29,7 @@ impl Server {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serve.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+        let child = super::asagi_gguf()
             .args(["serve", "-t", "2", "--port", &port.to_string(), "--mmproj"])
             .arg(mmproj)
             .arg("-m")
@@ -129,7 +129,7 @@ impl Server {
 
 /// `run --json -t 2 --mmproj MMPROJ -m LLM ARGS...` (one question, as the CLI answers it): its JSON.
 pub fn run_json(llm: &Path, mmproj: &Path, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_asagi-gguf"))
+    let out = super::asagi_gguf()
         .args(["run", "--json", "-t", "2", "--mmproj"])
         .arg(mmproj)
         .arg("-m")

@@ -9,7 +9,7 @@ use crate::sys;
 pub struct Buffer {
     raw: NonNull<sys::ggml_backend_buffer>,
     /// Keeps the mapping alive while ggml points into it (CPU buffers made from a mapped file).
-    _map: Option<Arc<memmap2::MmapMut>>,
+    _map: Option<Arc<memmap2::Mmap>>,
     /// False for the CPU's extra buffer types: they transform data on write and have no way to read it back.
     readable: bool,
 }
@@ -19,7 +19,7 @@ impl Buffer {
     /// `raw` must be a buffer nobody else frees; if it points into `map`, pass the map.
     pub(crate) unsafe fn from_raw(
         raw: NonNull<sys::ggml_backend_buffer>,
-        map: Option<Arc<memmap2::MmapMut>>,
+        map: Option<Arc<memmap2::Mmap>>,
     ) -> Buffer {
         // SAFETY: valid buffer; its type is a registry descriptor.
         let buft = unsafe { sys::ggml_backend_buffer_get_type(raw.as_ptr()) };
@@ -40,6 +40,22 @@ impl Buffer {
     pub fn size(&self) -> usize {
         // SAFETY: valid buffer.
         unsafe { sys::ggml_backend_buffer_get_size(self.as_ptr()) }
+    }
+
+    /// Locks the buffer's pages in RAM (`mlock`: never swapped out or compressed) when it is host memory; returns
+    /// the bytes locked, 0 for device memory. Fails like mlock does (RLIMIT_MEMLOCK, `ulimit -l`).
+    pub fn lock_in_ram(&self) -> std::io::Result<usize> {
+        // SAFETY: valid buffer; queries only.
+        let (host, base) =
+            unsafe { (sys::ggml_backend_buffer_is_host(self.as_ptr()), sys::ggml_backend_buffer_get_base(self.as_ptr())) };
+        let size = self.size();
+        if !host || base.is_null() || size == 0 {
+            return Ok(0);
+        }
+        // SAFETY: base..base+size is this buffer's host memory, alive as long as `self`; mlock changes only how the
+        // kernel pages it, never its contents. Freeing the buffer unmaps (and so unlocks) it.
+        unsafe { rustix::mm::mlock(base, size) }?;
+        Ok(size)
     }
 
     /// Marks the buffer as holding weights (the scheduler then prefers running ops where their weights are).

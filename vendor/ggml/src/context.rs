@@ -101,6 +101,11 @@ impl Context {
         Ok(())
     }
 
+    /// Locks the host buffers this context owns in RAM (`Buffer::lock_in_ram`); returns the bytes locked.
+    pub fn lock_in_ram(&self) -> std::io::Result<usize> {
+        self.buffers.borrow().iter().try_fold(0, |n, b| Ok(n + b.lock_in_ram()?))
+    }
+
     /// Fills the buffers this context owns with `value` bytes (a KV cache starts zeroed: masked-out cells are still
     /// multiplied by a zero weight, and uninitialized memory could hold NaN).
     pub fn clear(&self, value: u8) {

@@ -154,7 +154,7 @@ pub struct GgufFile {
     path: PathBuf,
     infos: Vec<TensorInfo>,
     /// The mapping behind the tensors, after `map_weights`.
-    map: Option<Arc<memmap2::MmapMut>>,
+    map: Option<Arc<memmap2::Mmap>>,
 }
 
 impl GgufFile {
@@ -411,8 +411,9 @@ impl GgufFile {
     /// Memory-maps the file and points every tensor at its bytes, used in place by the CPU backend: the weights
     /// are never copied into anonymous memory, and pages are read from disk on first use.
     ///
-    /// The mapping is private copy-on-write (`MAP_PRIVATE`): ggml never writes weights, and if it ever did the
-    /// file would stay untouched. As with every memory map, the file must not be truncated while it is in use.
+    /// The mapping is private and read-only (`MAP_PRIVATE`, `PROT_READ`): ggml only reads weights, so nothing can
+    /// turn a file page into a private copy (a stray write faults instead of silently doubling the memory), and the
+    /// file stays untouched. As with every memory map, the file must not be truncated while it is in use.
     pub fn map_weights(&mut self) -> Result<()> {
         if self.map.is_some() {
             return Ok(());
@@ -420,7 +421,7 @@ impl GgufFile {
         let err = |msg: String| Error::Gguf { path: self.path.clone(), msg };
         let file = std::fs::File::open(&self.path).map_err(|e| err(e.to_string()))?;
         // SAFETY: a private mapping of a regular file; see the doc comment about concurrent truncation.
-        let map = unsafe { memmap2::MmapOptions::new().map_copy(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
+        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
         let map = Arc::new(map);
         let base = map.as_ptr() as *mut std::ffi::c_void;
         // SAFETY: the map is page-aligned (ggml wants 32-byte alignment) and lives as long as the buffer, which keeps
@@ -465,21 +466,52 @@ impl GgufFile {
     pub fn release_pages(&self, names: &[String]) {
         #[cfg(target_os = "linux")]
         if let Some(map) = &self.map {
-            let page = 4096;
+            let page = crate::page_size();
             for info in self.infos.iter().filter(|i| names.contains(&i.name)) {
-                let start = (info.offset as usize).div_ceil(page) * page;
-                let end = (info.offset as usize + info.size) / page * page;
-                if end > start {
-                    // SAFETY: MADV_DONTNEED on a private file mapping that was never written: the dropped pages are
-                    // unmodified file pages, and touching them again maps the same file bytes, so no slice or
-                    // tensor pointing into the range can observe a change.
-                    let _ =
-                        unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+                if let Some(r) = crate::mmap::inner_pages(info.offset as usize, info.size, page) {
+                    // SAFETY: MADV_DONTNEED on a private read-only file mapping (it cannot have been written): the
+                    // dropped pages are unmodified file pages, and touching them again maps the same file bytes, so
+                    // no slice or tensor pointing into the range can observe a change.
+                    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, r.start, r.len()) };
                 }
             }
         }
         #[cfg(not(target_os = "linux"))]
         let _ = names;
+    }
+
+    /// Locks in RAM (`mlock`) the mapped pages of every tensor used in place, i.e. all but `moved` (uploaded to a GPU
+    /// or repacked, whose pages were handed back): the kernel then never evicts them under memory pressure, and
+    /// they are read from the file now rather than on first use. Returns the bytes locked. Fails like mlock does
+    /// (RLIMIT_MEMLOCK, `ulimit -l`). Requires `map_weights`.
+    pub fn lock_in_place(&self, moved: &[String]) -> Result<usize> {
+        let err = |msg: String| Error::Gguf { path: self.path.clone(), msg };
+        let map = self.map.as_ref().ok_or_else(|| err("weights are not mapped".into()))?;
+        let page = crate::page_size();
+        let mut ranges: Vec<std::ops::Range<usize>> = self
+            .infos
+            .iter()
+            .filter(|i| !moved.contains(&i.name))
+            .filter_map(|i| crate::mmap::covering_pages(i.offset as usize, i.size, map.len(), page))
+            .collect();
+        ranges.sort_by_key(|r| r.start);
+        // Neighbouring tensors share pages: merge so that each page is locked once.
+        let mut merged: Vec<std::ops::Range<usize>> = Vec::new();
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let mut locked = 0;
+        for r in merged {
+            // SAFETY: r lies inside the mapping (clipped to its length), which lives as long as `self`; mlock only
+            // pins the pages, it never changes their contents. Unmapping unlocks them.
+            unsafe { rustix::mm::mlock(map.as_ptr().add(r.start) as *mut std::ffi::c_void, r.len()) }
+                .map_err(|e| err(format!("mlock of {} bytes: {e}", r.len())))?;
+            locked += r.len();
+        }
+        Ok(locked)
     }
 
     /// Copies the tensors called `names` into a new context allocated in one buffer of type `buft` (a GPU's memory,

@@ -28,7 +28,7 @@ pub use buffer::{Buffer, BufferType};
 pub use context::Context;
 pub use graph::Graph;
 pub use log::log_to_stderr;
-pub use mmap::MappedFile;
+pub use mmap::{page_size, MappedFile};
 pub use ops::{RopeMode, RopeParams};
 pub use pod::Pod;
 pub use quant::{dequantize, quantize};

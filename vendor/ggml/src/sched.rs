@@ -70,6 +70,12 @@ impl<'b> Scheduler<'b> {
         }
     }
 
+    /// Bytes of the compute buffer this scheduler holds on `backend` (after `reserve` or `alloc`).
+    pub fn buffer_size(&self, backend: &Backend) -> usize {
+        // SAFETY: valid scheduler; a backend it was not made with yields 0 (ggml looks it up by pointer).
+        unsafe { sys::ggml_backend_sched_get_buffer_size(self.as_ptr(), backend.as_ptr()) }
+    }
+
     /// Number of parts the last graph was split into (1 = ran on a single backend).
     pub fn n_splits(&self) -> usize {
         // SAFETY: valid scheduler.

@@ -1,0 +1,46 @@
+//! The memory estimate `run`, `chat` and `serve` print before loading (and refuse on) against what the process
+//! really holds once the model has filled its whole context and encoded an image. Alone in its test binary, so
+//! that no other test's memory is counted.
+
+mod common;
+
+use asagi_convert::{LlmType, MmprojType};
+use asagi_gguf::llm::Input;
+use asagi_gguf::load::{Loaded, ModelArgs};
+use asagi_gguf::memory;
+use asagi_gguf::vision::VisionEncoder;
+use common::fixtures;
+
+#[test]
+fn estimate_is_within_15_percent_of_the_peak_resident_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let model_dir = fixtures::model_dir("base-default-f32");
+    let (llm, mmproj) = common::conversion::convert(&model_dir, dir.path(), LlmType::Q8_0, MmprojType::F16).unwrap();
+    // A context of 4096 cells makes the estimated parts (KV cache, compute buffers) tens of MB on these small
+    // weights, far above the allocator's noise; every one of them is filled below.
+    let n_ctx = 4096;
+    let args = ModelArgs { ctx_size: Some(n_ctx), threads: Some(2), ..ModelArgs::new(llm, Some(mmproj)) };
+    // The peak from here on (the conversion above allocated and freed memory of its own).
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    let loaded = Loaded::open(&args, true).unwrap();
+    let e = loaded.estimate.clone();
+    let model = loaded.model().unwrap();
+    let vmodel = loaded.vision(&model).unwrap().unwrap();
+    let backends = loaded.backends();
+    let mut session = loaded.session(&model, &backends).unwrap();
+    let image = VisionEncoder::new(&vmodel, &backends)
+        .unwrap()
+        .encode_file(&fixtures::root().join("images/rgb_80x60.png"))
+        .unwrap();
+    // Fill the context: the image's rows, then tokens up to the last cell, in full micro-batches.
+    session.prefill(Input::Embeddings(&image.data), 0, 0, false).unwrap();
+    let tokens: Vec<u32> = (0..n_ctx - image.n_tokens).map(|i| 5 + (i % 500) as u32).collect();
+    session.prefill(Input::Tokens(&tokens), 0, image.n_tokens as i32, false).unwrap();
+    assert_eq!(session.cache.n_free(), 0, "the context is full");
+
+    let peak = memory::peak_resident().unwrap();
+    let err = (e.total() as f64 - peak as f64) / peak as f64;
+    eprintln!("{}\nestimate {} bytes, peak resident {peak} bytes: {:+.1}%", e.summary(), e.total(), err * 100.0);
+    assert!(e.kv + e.compute_llm > e.program / 2, "the estimated parts dominate: {e:?}");
+    assert!(err.abs() <= 0.15, "estimate {} vs peak {peak} ({:+.1}%)", e.total(), err * 100.0);
+}
