@@ -217,6 +217,7 @@ fn estimate(
         kv_cells: session.cache.n_cells(),
         kv_type: cache_type.to_string(),
         compute_llm: session.compute_bytes() as u64,
+        step: session.host_step_bytes() as u64,
         ..Default::default()
     };
     if let Some((file, plan)) = mmproj {

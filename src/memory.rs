@@ -39,6 +39,8 @@ pub struct Estimate {
     pub compute_llm: u64,
     /// Vision compute buffer (one image).
     pub compute_vision: u64,
+    /// Host memory a step allocates besides ggml's buffers (attention mask, logits).
+    pub step: u64,
     /// Resident already when the estimate was made (the program, the tokenizer).
     pub program: u64,
 }
@@ -46,7 +48,13 @@ pub struct Estimate {
 impl Estimate {
     /// Host memory in all.
     pub fn total(&self) -> u64 {
-        self.weights_mapped + self.weights_repacked + self.kv + self.compute_llm + self.compute_vision + self.program
+        self.weights_mapped
+            + self.weights_repacked
+            + self.kv
+            + self.compute_llm
+            + self.compute_vision
+            + self.step
+            + self.program
     }
 
     /// One line for the load log.
@@ -56,7 +64,7 @@ impl Estimate {
             let _ = write!(s, " + {} repacked", gb(self.weights_repacked));
         }
         let _ = write!(s, ", {} KV cache ({} cells {})", gb(self.kv), self.kv_cells, self.kv_type);
-        let _ = write!(s, ", {} compute", gb(self.compute_llm + self.compute_vision));
+        let _ = write!(s, ", {} compute", gb(self.compute_llm + self.compute_vision + self.step));
         if self.compute_vision > 0 {
             let _ = write!(s, " (vision {})", gb(self.compute_vision));
         }
@@ -193,7 +201,8 @@ mod tests {
             kv_cells: 4096,
             kv_type: "f16".into(),
             compute_llm: 300_000_000,
-            compute_vision: 100_000_000,
+            compute_vision: 90_000_000,
+            step: 10_000_000,
             program: 30_000_000,
         }
     }

@@ -40,7 +40,18 @@ fn estimate_is_within_15_percent_of_the_peak_resident_memory() {
 
     let peak = memory::peak_resident().unwrap();
     let err = (e.total() as f64 - peak as f64) / peak as f64;
-    eprintln!("{}\nestimate {} bytes, peak resident {peak} bytes: {:+.1}%", e.summary(), e.total(), err * 100.0);
-    assert!(e.kv + e.compute_llm > e.program / 2, "the estimated parts dominate: {e:?}");
+    // The parts estimated (not measured at the time: everything but `program`) on their own.
+    let (parts, grown) = (e.total() - e.program, peak.saturating_sub(e.program));
+    let parts_err = (parts as f64 - grown as f64) / grown as f64;
+    eprintln!("{}", e.summary());
+    eprintln!("estimate {} bytes, peak resident {peak} bytes: {:+.1}%", e.total(), err * 100.0);
+    eprintln!("estimated parts {parts} bytes, growth after the estimate {grown} bytes: {:+.1}%", parts_err * 100.0);
     assert!(err.abs() <= 0.15, "estimate {} vs peak {peak} ({:+.1}%)", e.total(), err * 100.0);
+    if std::env::var_os("ASAGI_TEST_RUNNER").is_none() {
+        assert!(parts_err.abs() <= 0.15, "estimated parts {parts} vs growth {grown} ({:+.1}%)", parts_err * 100.0);
+    } else {
+        // Under qemu-user the resident memory is the emulator's, whose translated-code cache grows with the code
+        // run: only the total is compared there.
+        eprintln!("emulated: the estimated parts are checked on native runs only");
+    }
 }

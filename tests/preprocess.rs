@@ -88,6 +88,12 @@ fn pv_diff(ours: &[f32], golden: &[f64]) -> (f64, f64, usize) {
 /// shows up. (zune-jpeg, the image crate's decoder, was 9 levels off there: see src/preprocess/decode.rs.)
 const JPEG_MAX_LEVELS: u8 = 3;
 
+/// The same after the (exact) resize, in levels of the resized image: 3 on x86-64, where jpeg-decoder runs its
+/// SSE inverse DCT; 4 on other CPUs (aarch64 on stable Rust), where it runs its scalar one, whose rounding lands
+/// one level further from libjpeg-turbo's after the resize on one 64 px pixel. Both measured; libjpeg-turbo
+/// itself (issue 15) is the way to 0.
+const JPEG_MAX_LEVELS_RESIZED: u8 = if cfg!(target_arch = "x86_64") { 3 } else { 4 };
+
 #[test]
 fn rgb_conversion_matches_pil() {
     for name in images() {
@@ -137,9 +143,9 @@ fn end_to_end_from_file_matches_hf() {
                 golden.len()
             );
             if is_jpeg(&name) {
-                // The resize is exact, so only the decode differences remain; after the resize (and its
-                // re-quantisation) they measured at most 3 levels too. One level is 2/255 in pixel-value units.
-                assert!(max <= (JPEG_MAX_LEVELS as f64) * 2.0 / 255.0 + 1e-6, "{name} s{s}: {max}");
+                // The resize is exact, so only the decode differences remain (and the resize's re-quantisation).
+                // One level is 2/255 in pixel-value units.
+                assert!(max <= (JPEG_MAX_LEVELS_RESIZED as f64) * 2.0 / 255.0 + 1e-6, "{name} s{s}: {max}");
             } else {
                 assert_eq!(max, 0.0, "{name} s{s}");
             }

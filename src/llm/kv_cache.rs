@@ -115,7 +115,16 @@ impl KvCache {
     /// The attention mask `[n_kv, n_tokens]` (F16 bits): token t (position pos[t], sequence seq[t]) sees the cells
     /// of its sequence at positions up to its own.
     pub fn mask(&self, n_kv: usize, pos: &[i32], seq: &[usize]) -> Vec<half::f16> {
-        let mut m = vec![half::f16::NEG_INFINITY; n_kv * pos.len()];
+        let mut m = Vec::new();
+        self.mask_into(n_kv, pos, seq, &mut m);
+        m
+    }
+
+    /// `mask`, written into `m` (a buffer kept from step to step: a step allocates nothing once it has grown to
+    /// the largest batch and context).
+    pub fn mask_into(&self, n_kv: usize, pos: &[i32], seq: &[usize], m: &mut Vec<half::f16>) {
+        m.clear();
+        m.resize(n_kv * pos.len(), half::f16::NEG_INFINITY);
         for (t, (&p, &s)) in pos.iter().zip(seq).enumerate() {
             let row = &mut m[t * n_kv..(t + 1) * n_kv];
             for (c, cell) in self.cells[..n_kv].iter().enumerate() {
@@ -124,7 +133,6 @@ impl KvCache {
                 }
             }
         }
-        m
     }
 
     /// Next position of sequence `s` (one past its last cell), 0 if empty.

@@ -65,6 +65,8 @@ pub struct Session<'a> {
     n_ubatch: usize,
     max_nodes: usize,
     backends: Vec<&'a Backend>,
+    /// The attention mask's buffer, kept between steps.
+    mask: Vec<half::f16>,
     /// Called with the row count of every batch computed (a progress bar over a long prompt).
     progress: Option<Box<dyn FnMut(usize) + 'a>>,
 }
@@ -78,7 +80,7 @@ impl<'a> Session<'a> {
         let max_nodes = 64 + 48 * model.hp.n_layer;
         let sched = Scheduler::new(backends, max_nodes)?;
         let mut session =
-            Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes, backends: backends.to_vec(), progress: None };
+            Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes, backends: backends.to_vec(), mask: Vec::new(), progress: None };
         session.reserve()?;
         Ok(session)
     }
@@ -90,7 +92,7 @@ impl<'a> Session<'a> {
     fn reserve(&mut self) -> Result<()> {
         let (n, n_kv) = (self.n_ubatch.min(self.cache.n_cells()).max(1), self.cache.n_cells());
         let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
-        let (_, gf, _) = self.graph(&ctx, n, n_kv, n.min(64), false);
+        let (_, gf, _) = Self::graph(self.model, &self.cache, self.max_nodes, &ctx, (n, n_kv, n.min(64)), false);
         self.sched.reserve(&gf)?;
         Ok(())
     }
@@ -100,16 +102,24 @@ impl<'a> Session<'a> {
         self.backends.iter().filter(|b| b.is_cpu()).map(|b| self.sched.buffer_size(b)).sum()
     }
 
+    /// Host memory one step allocates besides ggml's buffers, at most: the attention mask built here (f16, one
+    /// context-long row per batch row) and the logits read back (up to 64 rows).
+    pub fn host_step_bytes(&self) -> usize {
+        let n = self.n_ubatch.min(self.cache.n_cells());
+        n * self.cache.n_cells() * 2 + n.min(64) * self.model.hp.n_vocab * 4
+    }
+
     /// The language model's graph for `n` rows attending to `n_kv` cells, with logits for `n_out` rows.
+    /// (A function of the fields it reads, so that the scheduler can be borrowed mutably beside the graph.)
     fn graph<'g>(
-        &self,
+        model: &'g LlamaModel<'g>,
+        cache: &'g KvCache,
+        max_nodes: usize,
         ctx: &'g Context,
-        n: usize,
-        n_kv: usize,
-        n_out: usize,
+        (n, n_kv, n_out): (usize, usize, usize),
         embeddings: bool,
     ) -> (GraphInputs<'g>, Graph<'g>, Tensor<'g>) {
-        let hp = &self.model.hp;
+        let hp = &model.hp;
         let (tokens, embeddings) = match embeddings {
             false => (Some(ctx.new_tensor(Type::I32, &[n]).named("inp_tokens").set_input()), None),
             true => (None, Some(ctx.new_tensor(Type::F32, &[hp.n_embd, n]).named("inp_embd").set_input())),
@@ -122,9 +132,9 @@ impl<'a> Session<'a> {
             kv_idx: ctx.new_tensor(Type::I64, &[n]).named("kv_idx").set_input(),
             out_ids: ctx.new_tensor(Type::I32, &[n_out]).named("out_ids").set_input(),
         };
-        let cache = self.cache.tensors();
-        let mut gf = ctx.new_graph(self.max_nodes);
-        let logits = self.model.build_graph(ctx, &mut gf, &inputs, &cache, n, n_kv);
+        let tensors = cache.tensors();
+        let mut gf = ctx.new_graph(max_nodes);
+        let logits = model.build_graph(ctx, &mut gf, &inputs, &tensors, n, n_kv);
         (inputs, gf, logits)
     }
 
@@ -169,7 +179,6 @@ impl<'a> Session<'a> {
 
     fn compute(&mut self, batch: &Batch<'_>, cells: &[usize]) -> Result<Vec<f32>> {
         let n = batch.len();
-        let hp = &self.model.hp;
         let n_kv = self.cache.n_kv();
         self.cache.prepare(n_kv)?;
         let out_ids: Vec<i32> = (0..n as i32).filter(|&i| batch.logits[i as usize]).collect();
@@ -179,7 +188,8 @@ impl<'a> Session<'a> {
 
         let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
         let embeddings = matches!(batch.input, Input::Embeddings(_));
-        let (inputs, gf, logits) = self.graph(&ctx, n, n_kv, out_ids.len(), embeddings);
+        let (inputs, gf, logits) =
+            Self::graph(self.model, &self.cache, self.max_nodes, &ctx, (n, n_kv, out_ids.len()), embeddings);
 
         self.sched.alloc(&gf)?;
         match batch.input {
@@ -189,7 +199,8 @@ impl<'a> Session<'a> {
             Input::Embeddings(e) => self.sched.write(inputs.embeddings.unwrap(), e)?,
         }
         self.sched.write(inputs.pos, &batch.pos)?;
-        self.sched.write(inputs.mask, &self.cache.mask(n_kv, &batch.pos, &batch.seq))?;
+        self.cache.mask_into(n_kv, &batch.pos, &batch.seq, &mut self.mask);
+        self.sched.write(inputs.mask, &self.mask)?;
         self.sched.write(inputs.kv_idx, &cells.iter().map(|&c| c as i64).collect::<Vec<_>>())?;
         self.sched.write(inputs.out_ids, &out_ids)?;
         self.sched.compute(&gf)?;
