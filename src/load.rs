@@ -7,7 +7,7 @@ use anyhow::{bail, Context as _, Result};
 use ggml::gguf::GgufFile;
 use ggml::{Backend, Type};
 
-use crate::llm::{is_matmul_weight, offloaded_tensors, LlamaModel, Session, SessionParams};
+use crate::llm::{is_matmul_weight, offloaded_tensors, KvCache, LlamaModel, Session, SessionParams};
 use crate::memory::{self, Estimate, MemCheck};
 use crate::tokenizer::Tokenizer;
 use crate::vision::{VisionEncoder, VisionModel};
@@ -103,7 +103,7 @@ impl Loaded {
         let mut llm = GgufFile::open(&a.model)?;
         llm.map_weights()?;
         let (tok, _) = Tokenizer::from_gguf(&llm)?;
-        let mut mmproj = match (&a.mmproj, vision) {
+        let mmproj = match (&a.mmproj, vision) {
             (Some(path), true) => {
                 let mut f = GgufFile::open(path)?;
                 f.map_weights()?;
@@ -126,32 +126,22 @@ impl Loaded {
         let llm_plan = weights::plan(&llm, &offloaded, !a.no_repack, is_matmul_weight);
         let mm_plan = mmproj.as_ref().map(|f| weights::plan(f, &[], !a.no_repack, crate::vision::is_matmul_weight));
 
-        let estimate = estimate(&llm, &llm_plan, mmproj.as_ref().zip(mm_plan.as_ref()), &cpu, a.ctx_size, cache_type)?;
-        eprintln!("{}", estimate.summary());
-        memory::check(&estimate, memory::available().as_ref(), a.mem_check)?;
+        let estimate = estimate(&llm, &llm_plan, mmproj.as_ref().zip(mm_plan.as_ref()), &cpu, a, cache_type)?;
 
         let llm_placed = weights::apply(&llm, &llm_plan, gpu.as_ref())?;
-        let mmproj = match (mmproj.take(), mm_plan) {
+        if a.mlock {
+            lock_weights(&llm, &llm_placed, &llm_plan.moved());
+        }
+        let mmproj = match (mmproj, mm_plan) {
             (Some(f), Some(p)) => {
                 let placed = weights::apply(&f, &p, None)?;
-                Some((f, placed, p.moved()))
+                if a.mlock {
+                    lock_weights(&f, &placed, &p.moved());
+                }
+                Some((f, placed))
             }
             _ => None,
         };
-        if a.mlock {
-            let files = [(&llm, &llm_placed, llm_plan.moved())].into_iter().chain(mmproj.iter().map(|(f, p, m)| (f, p, m.clone())));
-            let mut locked = 0;
-            for (file, placed, moved) in files {
-                let copies: std::io::Result<usize> = placed.contexts.iter().try_fold(0, |n, c| Ok(n + c.lock_in_ram()?));
-                match (file.lock_in_place(&moved), copies) {
-                    (Ok(m), Ok(c)) => locked += m + c,
-                    (Err(e), _) => eprintln!("warning: --mlock: {e} (raise `ulimit -l`; loading goes on unlocked)"),
-                    (_, Err(e)) => eprintln!("warning: --mlock of repacked weights: {e} (raise `ulimit -l`)"),
-                }
-            }
-            eprintln!("locked {:.2} GB of weights in RAM", locked as f64 / 1e9);
-        }
-        let mmproj = mmproj.map(|(f, p, _)| (f, p));
         Ok(Loaded { llm, llm_placed, mmproj, tok, cpu, gpu, cache_type, ctx_size: a.ctx_size, estimate })
     }
 
@@ -195,37 +185,61 @@ impl Loaded {
     }
 }
 
-/// The memory the model will hold once loaded and run (`crate::memory`): the placement plans give the weights, a
-/// session and a vision encoder built over the weights in place give the KV cache and the compute buffers ggml
-/// reserves (address space only: nothing is touched, nothing computed), the process's resident memory the rest.
+/// `--mlock`: pins a file's weights in RAM, the mapped pages used in place and the copies of the moved ones. A lock
+/// that fails (RLIMIT_MEMLOCK) is a warning, as in llama.cpp: the model still runs, only unpinned.
+fn lock_weights(file: &GgufFile, placed: &Placement, moved: &[String]) {
+    let locked = file
+        .lock_in_place(moved)
+        .map_err(anyhow::Error::from)
+        .and_then(|m| Ok(m + placed.contexts.iter().try_fold(0, |n, c| c.lock_in_ram().map(|b| n + b))?));
+    match locked {
+        Ok(bytes) => eprintln!("{}: locked {:.2} GB of weights in RAM", file.path().display(), bytes as f64 / 1e9),
+        Err(e) => eprintln!("warning: --mlock: {e:#} (raise `ulimit -l`; the weights stay unlocked)"),
+    }
+}
+
+/// The memory the model will hold once loaded and run (`crate::memory`), printed, and checked against what is
+/// available (`--mem-check`). The placement plans give the weights and the KV cache's shape its size: a model that
+/// does not fit even so is refused before any buffer is made. Then a session and a vision encoder over the
+/// weights in place give the compute buffers ggml reserves (address space only: nothing touched, nothing
+/// computed), and the process's resident memory the rest.
 fn estimate(
     llm: &GgufFile,
     llm_plan: &weights::Plan,
     mmproj: Option<(&GgufFile, &weights::Plan)>,
     cpu: &Backend,
-    ctx_size: Option<usize>,
+    a: &ModelArgs,
     cache_type: Type,
 ) -> Result<Estimate> {
     let model = LlamaModel::load(llm)?;
-    let n_ctx = ctx_size.unwrap_or(model.hp.n_ctx_train);
-    let session = Session::new(&model, &[cpu], &SessionParams { n_ctx, cache_type, ..Default::default() })?;
+    let n_ctx = a.ctx_size.unwrap_or(model.hp.n_ctx_train);
+    let kv = KvCache::bytes_for(&model.hp, n_ctx, cache_type)
+        .with_context(|| format!("a KV cache of {n_ctx} cells of {cache_type} does not fit this model"))?;
     let mut e = Estimate {
         weights_mapped: llm_plan.mapped_bytes(llm) as u64,
         weights_repacked: llm_plan.repacked_bytes() as u64,
         weights_gpu: llm_plan.gpu_bytes(llm) as u64,
-        kv: session.cache.bytes() as u64,
-        kv_cells: session.cache.n_cells(),
+        kv: kv as u64,
+        kv_cells: n_ctx,
         kv_type: cache_type.to_string(),
-        compute_llm: session.compute_bytes() as u64,
-        step: session.host_step_bytes() as u64,
+        program: memory::resident().unwrap_or(0),
         ..Default::default()
     };
     if let Some((file, plan)) = mmproj {
-        let vmodel = VisionModel::load(file)?;
         e.weights_mapped += plan.mapped_bytes(file) as u64;
         e.weights_repacked += plan.repacked_bytes() as u64;
+    }
+    let available = memory::available();
+    memory::check(&e, available.as_ref(), a.mem_check)?;
+
+    let session = Session::new(&model, &[cpu], &SessionParams { n_ctx, cache_type, ..Default::default() })?;
+    e.compute_llm = session.compute_bytes() as u64;
+    e.step = session.host_step_bytes() as u64;
+    if let Some((file, _)) = mmproj {
+        let vmodel = VisionModel::load(file)?;
         e.compute_vision = VisionEncoder::new(&vmodel, &[cpu])?.compute_bytes() as u64;
     }
-    e.program = memory::resident().unwrap_or(0);
+    eprintln!("{}", e.summary());
+    memory::check(&e, available.as_ref(), a.mem_check)?;
     Ok(e)
 }

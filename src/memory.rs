@@ -228,7 +228,8 @@ mod tests {
         check(&e, Some(&roomy), MemCheck::On).unwrap();
         let tight = Available { bytes: 2_500_000_000, source: "cgroup /sys/fs/cgroup/x/memory.max".into() };
         let msg = check(&e, Some(&tight), MemCheck::On).unwrap_err().to_string();
-        for part in ["3.14 GB", "2.50 GB", "cgroup", "-c 2048 saves about 0.40 GB", "--cache-type q8_0", "--mem-check off"]
+        for part in
+            ["3.14 GB", "2.50 GB", "cgroup", "-c 2048 saves about 0.40 GB", "--cache-type q8_0", "--mem-check off"]
         {
             assert!(msg.contains(part), "{part:?} missing from: {msg}");
         }

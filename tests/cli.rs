@@ -68,6 +68,17 @@ fn demo_then_info_tokenize_and_run() {
     assert_eq!(bad.status.code(), Some(1), "{err}");
     assert!(err.contains("nope.png"), "{err}");
 
+    // A context far beyond this machine's memory (a 10^9-cell KV cache: terabytes) is refused before anything is
+    // allocated, with the estimate and the ways to make it fit; --mem-check off would go on to allocate it.
+    let huge = bin().args(["run", "-p", "x", "-t", "2", "-c", "1000000000", "-m"]).arg(&llm).output().unwrap();
+    let err = String::from_utf8_lossy(&huge.stderr);
+    assert_eq!(huge.status.code(), Some(1), "{err}");
+    for part in
+        ["error: the model needs about", "is available (", "-c 500000000 saves", "--cache-type q8_0", "--mem-check off"]
+    {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+
     // chat: an image turn, then a follow-up that only prefills its own tokens on top of the kept cache.
     let mut chat = bin()
         .args(["chat", "--json", "--greedy", "-n", "3", "-t", "2", "-c", "1024", "--mmproj"])

@@ -177,13 +177,7 @@ fn not_an_asagi_folder() {
 #[test]
 fn cli_reports_errors_on_one_line_with_exit_code_1() {
     let tmp = tempfile::tempdir().unwrap();
-    let run = |args: &[&str]| {
-        common::asagi_gguf()
-            .args(args)
-            .current_dir(tmp.path())
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| common::asagi_gguf().args(args).current_dir(tmp.path()).output().unwrap();
     let out = run(&["convert", tmp.path().to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

@@ -66,9 +66,14 @@ fn repacked_language_model_matches_mapped() {
         // differs from HF's float32 logits (the quantization error: ~7e-2 for Q4_0 here); a wrong layout would
         // differ by ~1.
         let (e, e_mapped, e_repacked) = (rel(&mapped, &repacked), rel(&hf, &mapped), rel(&hf, &repacked));
-        eprintln!("{ty:?}: {n} tensors; repacked vs mapped {e:.2e}; vs HF: mapped {e_mapped:.2e}, repacked {e_repacked:.2e}");
+        eprintln!(
+            "{ty:?}: {n} tensors; repacked vs mapped {e:.2e}; vs HF: mapped {e_mapped:.2e}, repacked {e_repacked:.2e}"
+        );
         assert!(e < 0.05 * e_mapped, "{ty:?}: repacked vs mapped logits: {e:.2e} (quantization error {e_mapped:.2e})");
-        assert!(e_repacked < 1.05 * e_mapped, "{ty:?}: repacked is further from HF: {e_repacked:.2e} vs {e_mapped:.2e}");
+        assert!(
+            e_repacked < 1.05 * e_mapped,
+            "{ty:?}: repacked is further from HF: {e_repacked:.2e} vs {e_mapped:.2e}"
+        );
         // Reading a repacked weight back is refused, not undefined.
         let owner = placed.contexts.iter().find(|c| c.get_tensor("blk.0.attn_q.weight").is_some()).unwrap();
         assert!(owner.read::<u8>(owner.get_tensor("blk.0.attn_q.weight").unwrap()).is_err());

@@ -34,6 +34,12 @@ pub struct KvCache {
 
 impl KvCache {
     /// A cache of `n_cells` positions in `ty` (F16 by default; F32 for exact parity; Q8_0 to halve it).
+    /// Bytes of K/V data a cache of `n_cells` cells of type `ty` holds (`None` if the type does not fit the rows
+    /// or the size overflows), known before allocating anything.
+    pub fn bytes_for(hp: &HParams, n_cells: usize, ty: Type) -> Option<usize> {
+        ty.row_size(hp.n_embd_kv())?.checked_mul(n_cells)?.checked_mul(2 * hp.n_layer)
+    }
+
     pub fn new(hp: &HParams, n_cells: usize, ty: Type, backend: &Backend) -> Result<KvCache> {
         if ty.row_size(hp.n_embd_kv()).is_none() {
             bail!("KV cache type {ty} does not fit rows of {}", hp.n_embd_kv());

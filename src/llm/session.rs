@@ -79,8 +79,16 @@ impl<'a> Session<'a> {
         let cache = KvCache::new(&model.hp, p.n_ctx, p.cache_type, first)?;
         let max_nodes = 64 + 48 * model.hp.n_layer;
         let sched = Scheduler::new(backends, max_nodes)?;
-        let mut session =
-            Session { model, cache, sched, n_ubatch: p.n_ubatch.max(1), max_nodes, backends: backends.to_vec(), mask: Vec::new(), progress: None };
+        let mut session = Session {
+            model,
+            cache,
+            sched,
+            n_ubatch: p.n_ubatch.max(1),
+            max_nodes,
+            backends: backends.to_vec(),
+            mask: Vec::new(),
+            progress: None,
+        };
         session.reserve()?;
         Ok(session)
     }

@@ -17,10 +17,7 @@ pub struct Buffer {
 impl Buffer {
     /// # Safety
     /// `raw` must be a buffer nobody else frees; if it points into `map`, pass the map.
-    pub(crate) unsafe fn from_raw(
-        raw: NonNull<sys::ggml_backend_buffer>,
-        map: Option<Arc<memmap2::Mmap>>,
-    ) -> Buffer {
+    pub(crate) unsafe fn from_raw(raw: NonNull<sys::ggml_backend_buffer>, map: Option<Arc<memmap2::Mmap>>) -> Buffer {
         // SAFETY: valid buffer; its type is a registry descriptor.
         let buft = unsafe { sys::ggml_backend_buffer_get_type(raw.as_ptr()) };
         let readable = !BufferType::cpu_extra().iter().any(|b| b.as_ptr() == buft);
@@ -46,8 +43,9 @@ impl Buffer {
     /// the bytes locked, 0 for device memory. Fails like mlock does (RLIMIT_MEMLOCK, `ulimit -l`).
     pub fn lock_in_ram(&self) -> std::io::Result<usize> {
         // SAFETY: valid buffer; queries only.
-        let (host, base) =
-            unsafe { (sys::ggml_backend_buffer_is_host(self.as_ptr()), sys::ggml_backend_buffer_get_base(self.as_ptr())) };
+        let (host, base) = unsafe {
+            (sys::ggml_backend_buffer_is_host(self.as_ptr()), sys::ggml_backend_buffer_get_base(self.as_ptr()))
+        };
         let size = self.size();
         if !host || base.is_null() || size == 0 {
             return Ok(0);

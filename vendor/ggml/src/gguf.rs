@@ -421,7 +421,8 @@ impl GgufFile {
         let err = |msg: String| Error::Gguf { path: self.path.clone(), msg };
         let file = std::fs::File::open(&self.path).map_err(|e| err(e.to_string()))?;
         // SAFETY: a private mapping of a regular file; see the doc comment about concurrent truncation.
-        let map = unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
+        let map =
+            unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
         let map = Arc::new(map);
         let base = map.as_ptr() as *mut std::ffi::c_void;
         // SAFETY: the map is page-aligned (ggml wants 32-byte alignment) and lives as long as the buffer, which keeps

@@ -71,7 +71,8 @@ impl MappedFile {
                 // SAFETY: MADV_DONTNEED on a shared, read-only file mapping only drops clean page-cache pages from
                 // this process; touching them again re-reads the same file bytes, so no borrowed slice can observe
                 // a change (unlike private or anonymous mappings, which it would zero).
-                let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, r.start, r.len()) };
+                let _ =
+                    unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, r.start, r.len()) };
             }
         }
         #[cfg(not(target_os = "linux"))]
