@@ -79,6 +79,12 @@ fn demo_then_info_tokenize_and_run() {
         assert!(err.contains(part), "{part:?} missing from: {err}");
     }
 
+    // --mlock pins the weights (or, where RLIMIT_MEMLOCK forbids it, warns and goes on, as llama.cpp does).
+    let locked = bin().args(["run", "-p", "x", "-n", "1", "-t", "2", "--mlock", "-m"]).arg(&llm).output().unwrap();
+    let err = String::from_utf8_lossy(&locked.stderr);
+    assert!(locked.status.success(), "{err}");
+    assert!(err.contains("GB of weights in RAM") || err.contains("warning: --mlock"), "{err}");
+
     // chat: an image turn, then a follow-up that only prefills its own tokens on top of the kept cache.
     let mut chat = bin()
         .args(["chat", "--json", "--greedy", "-n", "3", "-t", "2", "-c", "1024", "--mmproj"])

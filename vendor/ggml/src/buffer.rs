@@ -42,9 +42,13 @@ impl Buffer {
     /// Locks the buffer's pages in RAM (`mlock`: never swapped out or compressed) when it is host memory; returns
     /// the bytes locked, 0 for device memory. Fails like mlock does (RLIMIT_MEMLOCK, `ulimit -l`).
     pub fn lock_in_ram(&self) -> std::io::Result<usize> {
-        // SAFETY: valid buffer; queries only.
+        // The CPU's extra (repacking) buffers say they are not "host" buffers, since their bytes are not in the
+        // tensor's layout, but they live in host RAM all the same: ask for the device too.
+        // SAFETY: valid buffer; queries only (a buffer type's device is a registry descriptor or null).
         let (host, base) = unsafe {
-            (sys::ggml_backend_buffer_is_host(self.as_ptr()), sys::ggml_backend_buffer_get_base(self.as_ptr()))
+            let dev = sys::ggml_backend_buft_get_device(sys::ggml_backend_buffer_get_type(self.as_ptr()));
+            let cpu = !dev.is_null() && sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_CPU;
+            (cpu || sys::ggml_backend_buffer_is_host(self.as_ptr()), sys::ggml_backend_buffer_get_base(self.as_ptr()))
         };
         let size = self.size();
         if !host || base.is_null() || size == 0 {
