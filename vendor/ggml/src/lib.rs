@@ -85,6 +85,7 @@ pub fn cpu_features() -> String {
             ("NEON", sys::ggml_cpu_has_neon()),
             ("ARM_FMA", sys::ggml_cpu_has_arm_fma()),
             ("DOTPROD", sys::ggml_cpu_has_dotprod()),
+            ("FP16_VA", sys::ggml_cpu_has_fp16_va()),
         ]
     };
     f.iter().filter(|(_, v)| *v != 0).map(|(n, _)| *n).collect::<Vec<_>>().join(" ")
