@@ -7,7 +7,6 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use asagi_convert::{LlmType, MmprojType};
 use common::fixtures;
 use common::server::{run_json, Server};
 use serde_json::Value;
@@ -34,13 +33,7 @@ fn venv_python() -> PathBuf {
 fn the_openai_client_streams_what_run_prints() {
     let python = venv_python();
     let dir = tempfile::tempdir().unwrap();
-    let (llm, mmproj) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        dir.path(),
-        LlmType::F32,
-        MmprojType::F32,
-    )
-    .unwrap();
+    let (llm, mmproj) = common::conversion::base_f32(dir.path());
     let image = fixtures::root().join("images/rgb_80x60.png");
     let question = "この画像は何ですか";
     let image_arg = image.to_str().unwrap();

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use asagi_convert::{LlmType, MmprojType};
 use base64::Engine as _;
 use common::fixtures;
 use common::server::{client, run_json, Server, SseReader};
@@ -22,13 +21,7 @@ struct Model {
 
 fn model() -> Model {
     let dir = tempfile::tempdir().unwrap();
-    let (llm, mmproj) = common::conversion::convert(
-        &fixtures::model_dir("base-default-f32"),
-        dir.path(),
-        LlmType::F32,
-        MmprojType::F32,
-    )
-    .unwrap();
+    let (llm, mmproj) = common::conversion::base_f32(dir.path());
     Model { llm, mmproj, _dir: dir }
 }
 

@@ -26,6 +26,12 @@ pub fn convert(dir: &Path, out: &Path, ty: LlmType, mm: MmprojType) -> anyhow::R
     Ok((opts.outfile.unwrap(), opts.mmproj_outfile.unwrap()))
 }
 
+/// The F32 files of the base fixture (language model, mmproj) converted into `out`: the model the end-to-end tests
+/// of the CLI and the server run.
+pub fn base_f32(out: &Path) -> (PathBuf, PathBuf) {
+    convert(&crate::common::fixtures::model_dir("base-default-f32"), out, LlmType::F32, MmprojType::F32).unwrap()
+}
+
 /// A fixture variant converted into a temporary folder, both files opened with their weights mapped.
 pub struct Converted {
     pub llm: ggml::gguf::GgufFile,
