@@ -163,6 +163,10 @@ fn answer(
         Ok(())
     });
     conv.session.set_progress(None);
+    if !json {
+        // An unfinished character the stream held back at the end.
+        stdout.write_all(stream.flush()?.as_bytes())?;
+    }
     Ok((ids, turn?))
 }
 

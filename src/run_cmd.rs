@@ -197,6 +197,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     .into_iter()
     .next()
     .expect("at least one sequence");
+    if !args.json {
+        // An unfinished character the stream held back at the end.
+        stdout.write_all(stream.flush()?.as_bytes())?;
+    }
     let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
     let generated = best.tokens.clone();
     let n_decoded = generated.len().max(1);

@@ -16,6 +16,8 @@ pub struct Tokenizer {
     pub image: Option<u32>,
     n_vocab: usize,
     special: Vec<bool>,
+    /// The byte of each byte-fallback token (`<0xE3>`), for streaming.
+    byte: Vec<Option<u8>>,
 }
 
 /// Where the tokenizer came from.
@@ -67,6 +69,7 @@ impl Tokenizer {
                 image: id_key(f, "asagi.image_token_id").or_else(|| find("<image>")),
                 n_vocab: tokens.len(),
                 special: types.iter().map(|&t| t == 3 || t == 5).collect(),
+                byte: tokens.iter().map(|t| byte_piece(t)).collect(),
             },
             source,
         ))
@@ -108,17 +111,48 @@ impl Tokenizer {
         self.n_vocab
     }
 
+    /// The byte-fallback token of byte `b` (`<0xE3>`), if the vocabulary has one.
+    pub fn byte_token(&self, b: u8) -> Option<u32> {
+        self.byte.iter().position(|&x| x == Some(b)).map(|i| i as u32)
+    }
+
     /// A decoder for streaming: `push` returns text only once it is complete UTF-8.
     pub fn stream(&self, skip_special: bool) -> StreamDecoder<'_> {
-        StreamDecoder { tok: self, ids: Vec::new(), emitted: String::new(), skip_special }
+        // A plain token to decode in front of a window that does not start the answer: SentencePiece's decoder
+        // strips the first space of what it decodes, which is right at the start of an answer only.
+        let anchor = self.encode("a", false).ok().and_then(|ids| ids.first().copied()).filter(|&a| !self.is_special(a));
+        StreamDecoder { tok: self, anchor, ids: Vec::new(), prefix: 0, read: 0, emitted: String::new(), skip_special }
     }
 }
 
-/// Incremental decoding that never emits a broken multi-byte character: the whole tail is re-decoded and only
-/// text ending in a complete character (no U+FFFD from an unfinished byte sequence) is released.
+/// `<0xE3>` -> 0xE3: SentencePiece's byte-fallback pieces.
+fn byte_piece(piece: &str) -> Option<u8> {
+    let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() == 2 {
+        u8::from_str_radix(hex, 16).ok()
+    } else {
+        None
+    }
+}
+
+/// Incremental decoding, append-only, in the way of text-generation-inference's `decode_token`: each step decodes
+/// a short window (the tokens released by the previous step, then the new ones) and releases what the new tokens
+/// add to the window's text. The window, not the whole answer: decoding is O(window) per token, and a rewrite of
+/// earlier text cannot stall the stream. Held back: a trailing run of byte-fallback tokens whose bytes end in an
+/// unfinished UTF-8 character (the tokenizer decodes them to U+FFFD until the character completes). A run that is
+/// already invalid UTF-8 is released as the tokenizer decodes it (U+FFFD per byte), or a model that loops on stray
+/// byte tokens would stream nothing.
+///
+/// The one divergence from decoding all ids at once: HF's ByteFallback decodes each run of byte tokens as a whole,
+/// so a run that was valid (and was released) and later turns invalid becomes U+FFFD per byte in a whole decode;
+/// released text is never taken back, so the stream keeps the earlier characters and continues after them.
 pub struct StreamDecoder<'t> {
     tok: &'t Tokenizer,
+    anchor: Option<u32>,
     ids: Vec<u32>,
+    /// The window is `ids[prefix..]`; `ids[prefix..read]` were released by the previous step.
+    prefix: usize,
+    read: usize,
     emitted: String,
     skip_special: bool,
 }
@@ -126,30 +160,67 @@ pub struct StreamDecoder<'t> {
 impl StreamDecoder<'_> {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = self.tok.decode(&self.ids, self.skip_special)?;
-        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
+        if self.unfinished_character() {
             return Ok(String::new());
         }
-        let new = text[self.emitted.len()..].to_string();
-        self.emitted = text;
-        Ok(new)
+        self.release()
     }
 
     /// The end of the sequence: what `push` held back (an unfinished character, decoded as the tokenizer does,
-    /// with U+FFFD), so the streamed text equals `decode` of all ids.
+    /// with U+FFFD).
     pub fn flush(&mut self) -> Result<String> {
-        let text = self.tok.decode(&self.ids, self.skip_special)?;
-        if !text.starts_with(&self.emitted) {
+        if self.read == self.ids.len() {
             return Ok(String::new());
         }
-        let rest = text[self.emitted.len()..].to_string();
-        self.emitted = text;
-        Ok(rest)
+        self.release()
     }
 
-    /// Everything decoded so far.
+    /// Everything released so far.
     pub fn text(&self) -> &str {
         &self.emitted
+    }
+
+    /// Releases what `ids[read..]` add to the window's text.
+    fn release(&mut self) -> Result<String> {
+        let before = self.decode(self.prefix, self.read)?;
+        let after = self.decode(self.prefix, self.ids.len())?;
+        let new = match after.strip_prefix(&before) {
+            Some(new) => new.to_string(),
+            // The window's earlier text decodes differently now (see the type's comment): the new tokens' own text.
+            None => self.decode(self.read, self.ids.len())?,
+        };
+        (self.prefix, self.read) = (self.read, self.ids.len());
+        self.emitted.push_str(&new);
+        Ok(new)
+    }
+
+    /// The text of `ids[from..to]` as it reads inside the answer: with the anchor in front, then cut off, once
+    /// text has been released (before that the decoder's strip of the first space is wanted).
+    fn decode(&self, from: usize, to: usize) -> Result<String> {
+        let skip = self.skip_special;
+        match self.anchor.filter(|_| from > 0 && !self.emitted.is_empty()) {
+            None => self.tok.decode(&self.ids[from..to], skip),
+            Some(a) => {
+                let head = self.tok.decode(&[a], skip)?;
+                let ids: Vec<u32> = std::iter::once(a).chain(self.ids[from..to].iter().copied()).collect();
+                let text = self.tok.decode(&ids, skip)?;
+                Ok(text.strip_prefix(&head).map(str::to_string).unwrap_or(text))
+            }
+        }
+    }
+
+    /// Whether the ids end in byte tokens whose bytes are valid UTF-8 up to a character that needs more bytes.
+    fn unfinished_character(&self) -> bool {
+        let n = self.ids.iter().rev().take_while(|&&i| self.byte_of(i).is_some()).count();
+        if n == 0 {
+            return false;
+        }
+        let run: Vec<u8> = self.ids[self.ids.len() - n..].iter().filter_map(|&i| self.byte_of(i)).collect();
+        matches!(std::str::from_utf8(&run), Err(e) if e.error_len().is_none())
+    }
+
+    fn byte_of(&self, id: u32) -> Option<u8> {
+        self.tok.byte.get(id as usize).copied().flatten()
     }
 }
 

@@ -60,8 +60,46 @@ fn streaming_never_splits_a_character() {
             );
             text.push_str(&piece);
         }
+        text.push_str(&stream.flush().unwrap());
+        assert_eq!(text, stream.text());
         assert_eq!(text, c["decoded_skip_special"].as_str().unwrap(), "{}: streamed text", c["name"]);
     }
+}
+
+/// Byte-fallback tokens: an unfinished character is held until its last byte, and bytes that can no longer form
+/// one are released at once as U+FFFD (a model looping on stray byte tokens still streams), the text equal to
+/// decoding all ids.
+#[test]
+fn streaming_holds_only_unfinished_characters() {
+    let tok = converted_tokenizer();
+    let byte = |b: u8| tok.byte_token(b).unwrap_or_else(|| panic!("no byte token for {b:#04x}"));
+    let (e3, x81, x82, x80) = (byte(0xE3), byte(0x81), byte(0x82), byte(0x80));
+    let ids_of = |s: &str| tok.encode(s, false).unwrap();
+    let mut ids = ids_of("日本");
+    let mut stream = tok.stream(true);
+    let mut pieces: Vec<String> = ids.iter().map(|&i| stream.push(i).unwrap()).collect();
+    // あ = E3 81 82: nothing until the last byte, then the whole character.
+    for (b, want) in [(e3, ""), (x81, ""), (x82, "あ")] {
+        ids.push(b);
+        let p = stream.push(b).unwrap();
+        assert_eq!(p, want, "after byte {b}");
+        pieces.push(p);
+    }
+    // Forty stray continuation bytes: each released as U+FFFD when it arrives.
+    for _ in 0..40 {
+        ids.push(x80);
+        let p = stream.push(x80).unwrap();
+        assert_eq!(p, "\u{FFFD}");
+        pieces.push(p);
+    }
+    for &i in &ids_of("です") {
+        ids.push(i);
+        pieces.push(stream.push(i).unwrap());
+    }
+    pieces.push(stream.flush().unwrap());
+    let whole = tok.decode(&ids, true).unwrap();
+    // HF decodes the run あ + 40 stray bytes as one invalid run (U+FFFD per byte); the stream had released あ.
+    assert_eq!(pieces.concat(), whole.replacen("\u{FFFD}\u{FFFD}\u{FFFD}", "あ", 1), "{whole:?}");
 }
 
 /// A GGUF without tokenizer.huggingface.json (as llama.cpp's converter writes them) still tokenizes: the Unigram
