@@ -192,13 +192,17 @@ impl GgufFile {
         let mut file = GgufFile { raw, ctx, path: path.clone(), infos: Vec::new(), map: None };
         file.infos = file.read_infos()?;
         for t in &file.infos {
-            if t.offset + t.size as u64 > file_size {
-                return Err(err(format!(
-                    "truncated: tensor {} needs bytes {}..{} but the file has {file_size}",
-                    t.name,
-                    t.offset,
-                    t.offset + t.size as u64
-                )));
+            // Checked: offsets and sizes come from the file.
+            match t.offset.checked_add(t.size as u64) {
+                Some(end) if end <= file_size => {}
+                end => {
+                    return Err(err(format!(
+                        "truncated: tensor {} needs bytes {}..{} but the file has {file_size}",
+                        t.name,
+                        t.offset,
+                        end.map_or("(overflow)".to_string(), |e| e.to_string())
+                    )))
+                }
             }
         }
         Ok(file)
@@ -221,13 +225,11 @@ impl GgufFile {
                 while ne.len() > 1 && ne[ne.len() - 1] == 1 {
                     ne.pop();
                 }
-                out.push(TensorInfo {
-                    name,
-                    ty,
-                    ne,
-                    offset: data_offset + sys::gguf_get_tensor_offset(self.as_ptr(), i) as u64,
-                    size: sys::gguf_get_tensor_size(self.as_ptr(), i),
-                });
+                let offset =
+                    data_offset.checked_add(sys::gguf_get_tensor_offset(self.as_ptr(), i) as u64).ok_or_else(|| {
+                        Error::Gguf { path: self.path.clone(), msg: format!("tensor {name}: data offset overflows") }
+                    })?;
+                out.push(TensorInfo { name, ty, ne, offset, size: sys::gguf_get_tensor_size(self.as_ptr(), i) });
             }
         }
         Ok(out)
