@@ -3,7 +3,7 @@
 
 mod common;
 
-use ggml::{Backend, Context, Scheduler, Type};
+use ggml::{Backend, Context, Type};
 
 /// Runs `w · x` with `w` stored as `ty` (`n` rows of `k`) and `x` F32 (`m` columns of `k`).
 fn ggml_matmul(ty: Type, w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> (Vec<f32>, Vec<f32>) {
@@ -16,17 +16,9 @@ fn ggml_matmul(ty: Type, w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> 
     // What the weights are after rounding to `ty`: the reference for the kernel itself.
     let w_rounded = ggml::dequantize(ty, &bytes, k * n).unwrap();
 
-    let ctx = Context::new(8, 16).unwrap();
-    let xt = ctx.new_tensor(Type::F32, &[k, m]).named("x").set_input();
-    let y = ctx.mul_mat(wt, xt).named("y").set_output();
-    let mut gf = ctx.new_graph(16);
-    gf.build_forward_expand(y);
-    let mut sched = Scheduler::new(&[&backend], 16).unwrap();
-    sched.alloc(&gf).unwrap();
-    sched.write(xt, x).unwrap();
-    sched.compute(&gf).unwrap();
-    assert_eq!(y.ne(), [n, m, 1, 1]);
-    (sched.read::<f32>(y).unwrap(), w_rounded)
+    let y = common::mul_mat(&backend, wt, x, m);
+    assert_eq!(y.len(), n * m);
+    (y, w_rounded)
 }
 
 fn reference(w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> Vec<f64> {

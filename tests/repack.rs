@@ -8,7 +8,7 @@ use asagi_gguf::llm::{Input, LlamaModel, Session, SessionParams};
 use asagi_gguf::vision::{VisionEncoder, VisionModel};
 use asagi_gguf::weights;
 use common::fixtures;
-use ggml::{Backend, BufferType, Context, Scheduler, Type};
+use ggml::{Backend, BufferType, Context, Type};
 
 /// The weight types ggml repacks on this CPU, asked of ggml itself (its CPU_REPACK buffer type, as llama.cpp asks
 /// before placing a weight) for a 256 x 64 matrix of each type our converter writes: on x86-64 with AVX2 Q4_0, Q4_K
@@ -40,16 +40,7 @@ fn matmul(buft: Option<BufferType>, ty: Type, w: &[u8], x: &[f32], k: usize, n: 
         None => weights.alloc_tensors(&backend).unwrap(),
     }
     weights.write(wt, w).unwrap();
-    let ctx = Context::new(8, 16).unwrap();
-    let xt = ctx.new_tensor(Type::F32, &[k, m]).set_input();
-    let y = ctx.mul_mat(wt, xt).set_output();
-    let mut gf = ctx.new_graph(16);
-    gf.build_forward_expand(y);
-    let mut sched = Scheduler::new(&[&backend], 16).unwrap();
-    sched.alloc(&gf).unwrap();
-    sched.write(xt, x).unwrap();
-    sched.compute(&gf).unwrap();
-    sched.read::<f32>(y).unwrap()
+    common::mul_mat(&backend, wt, x, m)
 }
 
 /// Every type ggml repacks on this CPU, for every count of activation rows from 1 to 21 (its 1-row GEMV, 4-row
@@ -140,17 +131,6 @@ fn repacked_language_model_matches_mapped() {
     }
 }
 
-/// The fixture's images (their HF pixel values and projected embeddings are goldens).
-const IMAGES: [&str; 7] = [
-    "rgb_80x60.png",
-    "rgb_30x45.jpg",
-    "gray_70x50.png",
-    "rgba_64x48.png",
-    "palette_50x40.png",
-    "rgb_56x56.png",
-    "rgb_200x120.png",
-];
-
 #[test]
 fn repacked_vision_tower_matches_mapped() {
     let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::Q4_0);
@@ -163,7 +143,7 @@ fn repacked_vision_tower_matches_mapped() {
     let mut repacked_enc = VisionEncoder::new(&repacked_model, &[&backend]).unwrap();
     let gold = fixtures::root().join("golden/base-default-f32/vision");
     let (mut e, mut e_mapped, mut e_repacked) = (0f64, 0f64, 0f64);
-    for img in IMAGES {
+    for img in fixtures::IMAGES {
         let px = common::npy::read(&fixtures::root().join(format!("golden/preprocess/s56/{img}.pixel_values.npy")));
         let hf = common::npy::read(&gold.join(format!("{img}.projected.npy")));
         let hf: Vec<f32> = hf.data.iter().map(|&x| x as f32).collect();

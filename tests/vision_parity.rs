@@ -8,16 +8,6 @@ use asagi_gguf::vision::{VisionEncoder, VisionModel};
 use common::fixtures;
 use ggml::Backend;
 
-const IMAGES: &[&str] = &[
-    "rgb_80x60.png",
-    "rgb_30x45.jpg",
-    "gray_70x50.png",
-    "rgba_64x48.png",
-    "palette_50x40.png",
-    "rgb_56x56.png",
-    "rgb_200x120.png",
-];
-
 /// max |ours - HF| / max |HF|.
 fn rel_err(ours: &[f32], hf: &common::npy::Npy) -> f64 {
     assert_eq!(ours.len(), hf.data.len());
@@ -35,7 +25,7 @@ fn errors(variant: &str, mm: MmprojType) -> (f64, f64) {
     let (mut ef, mut ep) = (0f64, 0f64);
     let gold = fixtures::root().join("golden").join(variant).join("vision");
     let mut n = 0;
-    for img in IMAGES {
+    for img in fixtures::IMAGES {
         let fpath = gold.join(format!("{img}.features.npy"));
         if !fpath.exists() {
             continue;

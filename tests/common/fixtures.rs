@@ -8,6 +8,17 @@ use serde_json::Value;
 /// The checkpoint variants.
 pub const VARIANTS: &[&str] = &["base-default-f32", "full-gqa-expand-f16", "bf16-padvocab"];
 
+/// The test images with vision goldens (HF's pixel values, features and projected embeddings per variant).
+pub const IMAGES: &[&str] = &[
+    "rgb_80x60.png",
+    "rgb_30x45.jpg",
+    "gray_70x50.png",
+    "rgba_64x48.png",
+    "palette_50x40.png",
+    "rgb_56x56.png",
+    "rgb_200x120.png",
+];
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }

@@ -55,3 +55,17 @@ pub fn max_abs(a: &[f32], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
     a.iter().zip(b).map(|(&x, &y)| (x as f64 - y).abs()).fold(0.0, f64::max)
 }
+
+/// `w · x` on `backend`: `w` a weight tensor its caller allocated and filled, `x` F32, `m` rows of `w`'s row length.
+pub fn mul_mat(backend: &ggml::Backend, w: ggml::Tensor<'_>, x: &[f32], m: usize) -> Vec<f32> {
+    let ctx = ggml::Context::new(8, 16).unwrap();
+    let xt = ctx.new_tensor(ggml::Type::F32, &[w.ne()[0], m]).named("x").set_input();
+    let y = ctx.mul_mat(w, xt).named("y").set_output();
+    let mut gf = ctx.new_graph(16);
+    gf.build_forward_expand(y);
+    let mut sched = ggml::Scheduler::new(&[backend], 16).unwrap();
+    sched.alloc(&gf).unwrap();
+    sched.write(xt, x).unwrap();
+    sched.compute(&gf).unwrap();
+    sched.read::<f32>(y).unwrap()
+}
