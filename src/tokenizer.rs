@@ -121,6 +121,8 @@ impl Tokenizer {
         // A plain token to decode in front of a window that does not start the answer: SentencePiece's decoder
         // strips the first space of what it decodes, which is right at the start of an answer only.
         let anchor = self.encode("a", false).ok().and_then(|ids| ids.first().copied()).filter(|&a| !self.is_special(a));
+        // Decoded once here, not at every step.
+        let anchor = anchor.and_then(|a| Some((a, self.decode(&[a], skip_special).ok()?)));
         StreamDecoder { tok: self, anchor, ids: Vec::new(), prefix: 0, read: 0, emitted: String::new(), skip_special }
     }
 }
@@ -148,7 +150,8 @@ fn byte_piece(piece: &str) -> Option<u8> {
 /// released text is never taken back, so the stream keeps the earlier characters and continues after them.
 pub struct StreamDecoder<'t> {
     tok: &'t Tokenizer,
-    anchor: Option<u32>,
+    /// A plain token and its text.
+    anchor: Option<(u32, String)>,
     ids: Vec<u32>,
     /// The window is `ids[prefix..]`; `ids[prefix..read]` were released by the previous step.
     prefix: usize,
@@ -198,13 +201,12 @@ impl StreamDecoder<'_> {
     /// text has been released (before that the decoder's strip of the first space is wanted).
     fn decode(&self, from: usize, to: usize) -> Result<String> {
         let skip = self.skip_special;
-        match self.anchor.filter(|_| from > 0 && !self.emitted.is_empty()) {
+        match self.anchor.as_ref().filter(|_| from > 0 && !self.emitted.is_empty()) {
             None => self.tok.decode(&self.ids[from..to], skip),
-            Some(a) => {
-                let head = self.tok.decode(&[a], skip)?;
-                let ids: Vec<u32> = std::iter::once(a).chain(self.ids[from..to].iter().copied()).collect();
+            Some((a, head)) => {
+                let ids: Vec<u32> = std::iter::once(*a).chain(self.ids[from..to].iter().copied()).collect();
                 let text = self.tok.decode(&ids, skip)?;
-                Ok(text.strip_prefix(&head).map(str::to_string).unwrap_or(text))
+                Ok(text.strip_prefix(head.as_str()).map(str::to_string).unwrap_or(text))
             }
         }
     }
