@@ -3,6 +3,7 @@
 //!
 //!   cargo bench --bench compare -- --model LLM.gguf [--mmproj MMPROJ.gguf] [--peer-mmproj MMPROJ.gguf]
 //!                                  [--threads 2] [--reps 3] [--pp 512] [--tg 128] [--beam-steps 16] [--no-repack]
+//!                                  [--rows pp,tg,image,beam,rss] [--side both|ours|peer]
 //!
 //! `--peer-mmproj` gives llama.cpp another vision file than ours (say its F16 one against our 8-bit one); the
 //! difference of the two image embeddings is then printed as the quality cost.
@@ -11,6 +12,9 @@
 //! question, a 5-beam step (llama.cpp has no beam search: its row is the same batch of 5 sequences through the
 //! model, our row the whole step), peak RSS of the image + question + 16 tokens job (each side in a child
 //! process), and the memory-bandwidth decode bound. Ratios are ours / llama.cpp (for times, above 1 is slower).
+//!
+//! `--rows` runs only the rows named; `--side ours|peer` runs only one side's measurements (the other column reads
+//! NaN), so that a profiler attached to the process sees one program at a time.
 
 use std::num::NonZeroU32;
 use std::process::Command;
@@ -47,6 +51,10 @@ struct Args {
     tg: usize,
     beam_steps: usize,
     no_repack: bool,
+    /// Rows to run (pp, tg, image, beam, rss).
+    rows: Vec<String>,
+    /// Which side to measure: both, ours or peer.
+    side: String,
     /// Child mode: run the peak-RSS job for "ours" or "peer" and print the peak.
     rss_child: Option<String>,
 }
@@ -62,6 +70,8 @@ fn args() -> Args {
         tg: 128,
         beam_steps: 16,
         no_repack: false,
+        rows: ["pp", "tg", "image", "beam", "rss"].map(String::from).to_vec(),
+        side: "both".into(),
         rss_child: None,
     };
     let v: Vec<String> = std::env::args().collect();
@@ -79,6 +89,8 @@ fn args() -> Args {
             "--tg" => a.tg = num("--tg"),
             "--beam-steps" => a.beam_steps = num("--beam-steps"),
             "--rss-child" => a.rss_child = Some(val()),
+            "--rows" => a.rows = val().split(',').map(String::from).collect(),
+            "--side" => a.side = val(),
             "--no-repack" => {
                 a.no_repack = true;
                 i += 1;
@@ -92,7 +104,14 @@ fn args() -> Args {
         i += 2;
     }
     assert!(!a.model.is_empty(), "usage: cargo bench --bench compare -- --model LLM.gguf [--mmproj MM.gguf]");
+    assert!(["both", "ours", "peer"].contains(&a.side.as_str()), "--side takes both, ours or peer");
     a
+}
+
+impl Args {
+    fn row(&self, name: &str) -> bool {
+        self.rows.iter().any(|r| r == name)
+    }
 }
 
 fn model_args(a: &Args) -> ModelArgs {
@@ -283,6 +302,40 @@ fn embedding_difference(enc: &mut VisionEncoder<'_>, other: &str, backends: &[&g
     format!("image embeddings, ours vs {other}: relative RMS difference {:.2e}", (num / den).sqrt())
 }
 
+/// Median and range of repeated measurements (NaN when a side was not measured).
+#[derive(Clone, Copy)]
+struct Spread {
+    med: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(v: Vec<f64>) -> Spread {
+        if v.is_empty() {
+            return Spread { med: f64::NAN, min: f64::NAN, max: f64::NAN };
+        }
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        Spread { med: median(v), min, max }
+    }
+}
+
+impl std::fmt::Display for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let p = f.precision().unwrap_or(2);
+        let s = match self.min == self.max {
+            true => format!("{:.p$}", self.med),
+            false => format!("{:.p$} ({:.p$}-{:.p$})", self.med, self.min, self.max),
+        };
+        // (Not `f.pad`: it would read the precision as a maximum length and cut the string.)
+        match f.width() {
+            Some(w) => write!(f, "{s:>w$}"),
+            None => f.write_str(&s),
+        }
+    }
+}
+
 fn image_size(mm: &str) -> usize {
     let f = ggml::gguf::GgufFile::open(mm).unwrap();
     f.u32("clip.vision.image_size").unwrap() as usize
@@ -328,31 +381,48 @@ fn main() {
     for line in loaded.placement_summary() {
         println!("{line}");
     }
-    println!("{:<30} {:>12} {:>12} {:>8}", "test", "asagi-gguf", "llama.cpp", "ratio");
-    let row = |name: &str, o: f64, p: f64| println!("{name:<30} {o:>12.2} {p:>12.2} {:>7.2}x", o / p);
-    let pair = |f: &mut dyn FnMut() -> (f64, f64)| {
-        let (mut o, mut p) = (Vec::new(), Vec::new());
+    println!("{:<30} {:>24} {:>24} {:>22}", "test (median, min-max)", "asagi-gguf", "llama.cpp", "ratio");
+    // The ratio column: the median (and range) of the per-repetition ratios ours / llama.cpp. Each pair is
+    // measured back to back, so drift of this VM's speed over minutes (10% and more) cancels in the ratio.
+    let row = |name: &str, (o, p, r): (Spread, Spread, Spread)| println!("{name:<30} {o:>24} {p:>24} {r:>21.3}x");
+    let single = |o: f64, p: f64| (Spread::of(vec![o]), Spread::of(vec![p]), Spread::of(vec![o / p]));
+    let ours = a.side != "peer";
+    let peer = a.side != "ours";
+    // Interleaved repetitions: ours, then llama.cpp, `reps` times.
+    let pair = |o: &mut dyn FnMut() -> f64, p: &mut dyn FnMut() -> f64| {
+        let (mut xs, mut ys) = (Vec::new(), Vec::new());
         for _ in 0..a.reps {
-            let (x, y) = f();
-            o.push(x);
-            p.push(y);
+            if ours {
+                xs.push(o());
+            }
+            if peer {
+                ys.push(p());
+            }
         }
-        (median(o), median(p))
+        let ratios = xs.iter().zip(&ys).map(|(x, y)| x / y).collect();
+        (Spread::of(xs), Spread::of(ys), Spread::of(ratios))
     };
 
-    row("load ms (once)", load_ours, load_peer);
-    let (o, p) = pair(&mut || (bench::prefill_text(&mut s, a.pp).unwrap(), peer_pp(&mut pctx, a.pp, n_vocab)));
-    row(&format!("pp{} tok/s", a.pp), o, p);
+    row("load ms (once)", single(load_ours, load_peer));
+    if a.row("pp") {
+        let r = pair(&mut || bench::prefill_text(&mut s, a.pp).unwrap(), &mut || peer_pp(&mut pctx, a.pp, n_vocab));
+        row(&format!("pp{} tok/s", a.pp), r);
+    }
     let bytes = bench::decode_bytes_per_token(&loaded.llm);
     let mut bounded = Vec::new();
-    let (o, p) = pair(&mut || {
-        let run = bench::decode_against_bandwidth(&mut s, 64, a.tg, a.threads, bytes).unwrap();
-        bounded.push(run);
-        (run.tok_s, peer_tg(&mut pctx, 64, a.tg, n_vocab))
-    });
-    row(&format!("tg{} tok/s", a.tg), o, p);
+    if a.row("tg") {
+        let r = pair(
+            &mut || {
+                let run = bench::decode_against_bandwidth(&mut s, 64, a.tg, a.threads, bytes).unwrap();
+                bounded.push(run);
+                run.tok_s
+            },
+            &mut || peer_tg(&mut pctx, 64, a.tg, n_vocab),
+        );
+        row(&format!("tg{} tok/s", a.tg), r);
+    }
 
-    if let (Some(v), Some(mm)) = (&vmodel, &a.mmproj) {
+    if let (Some(v), Some(mm), true) = (&vmodel, &a.mmproj, a.row("image")) {
         let size = v.hp.image_size;
         let mut enc = VisionEncoder::new(v, &backends).unwrap();
         let peer_mm = a.peer_mmproj.as_deref().unwrap_or(mm);
@@ -362,42 +432,74 @@ fn main() {
             println!("{}", embedding_difference(&mut enc, peer_mm, &backends, &px));
         }
         let prompt = loaded.tok.encode(&asagi_prompt(QUESTION, 1), true).unwrap();
-        let (o, p) = pair(&mut || {
-            let t = Instant::now();
-            enc.encode_pixels(&px, 1).unwrap();
-            (t.elapsed().as_secs_f64() * 1e3, pv.encode_ms())
-        });
-        row("image encode ms", o, p);
-        let (enc_o, enc_p) = (o, p);
-        let (o, p) = pair(&mut || {
-            let o = bench::time_to_first_token(&mut enc, &mut s, &prompt, loaded.tok.image, &px).unwrap();
-            (o, pv.ttft_ms(&mut pctx).0)
-        });
-        row("image + question TTFT ms", o, p);
-        // llama.cpp's image-token prefill is not separable from mtmd's helper: derived as TTFT - encode for both,
-        // which also holds the ~40 text tokens.
-        row("  of which prefill ms", o - enc_o, p - enc_p);
-        let n_img = v.hp.n_image_tokens();
-        let ip: Vec<f64> = (0..a.reps).map(|_| bench::prefill_embeddings(&mut s, n_img).unwrap()).collect();
-        println!("{:<30} {:>12.2}", format!("image prefill {n_img} tok/s"), median(ip));
+        let encode = pair(
+            &mut || {
+                let t = Instant::now();
+                enc.encode_pixels(&px, 1).unwrap();
+                t.elapsed().as_secs_f64() * 1e3
+            },
+            &mut || pv.encode_ms(),
+        );
+        row("image encode ms", encode);
+        let ttft = pair(
+            &mut || bench::time_to_first_token(&mut enc, &mut s, &prompt, loaded.tok.image, &px).unwrap(),
+            &mut || pv.ttft_ms(&mut pctx).0,
+        );
+        row("image + question TTFT ms", ttft);
+        // llama.cpp's image-token prefill is not separable from mtmd's helper: derived as TTFT - encode for both
+        // (medians), which also holds the ~40 text tokens.
+        row("  of which prefill ms", single(ttft.0.med - encode.0.med, ttft.1.med - encode.1.med));
+        if ours {
+            let n_img = v.hp.n_image_tokens();
+            let ip = Spread::of((0..a.reps).map(|_| bench::prefill_embeddings(&mut s, n_img).unwrap()).collect());
+            println!("{:<30} {ip:>24}", format!("image prefill {n_img} tok/s"));
+        }
     }
 
-    let steps: Vec<bench::BeamSteps> =
-        (0..a.reps).map(|_| bench::beam_steps(&mut s, 64, a.beam_steps).unwrap()).collect();
-    let med = |f: fn(&bench::BeamSteps) -> f64| median(steps.iter().map(f).collect());
-    let peer5 = median((0..a.reps).map(|_| peer_batch5(&mut pctx, 64, a.beam_steps, n_vocab)).collect());
-    let (greedy, beam) = (med(|x| x.greedy_ms), med(|x| x.beam_ms));
-    row("5-sequence batch step ms", med(|x| x.model_ms), peer5);
-    println!(
-        "5-beam step (ours) {beam:.1} ms = {:.2}x a greedy step ({greedy:.1} ms); BeamSearch::step {:.1} ms",
-        beam / greedy,
-        med(|x| x.search_ms)
-    );
+    if a.row("beam") {
+        let steps: Vec<bench::BeamSteps> = match ours {
+            true => (0..a.reps).map(|_| bench::beam_steps(&mut s, 64, a.beam_steps).unwrap()).collect(),
+            false => Vec::new(),
+        };
+        let med = |f: fn(&bench::BeamSteps) -> f64| Spread::of(steps.iter().map(f).collect());
+        let peer5 = match peer {
+            true => (0..a.reps).map(|_| peer_batch5(&mut pctx, 64, a.beam_steps, n_vocab)).collect(),
+            false => Vec::new(),
+        };
+        let (greedy, beam) = (med(|x| x.greedy_ms), med(|x| x.beam_ms));
+        let (o, p) = (med(|x| x.model_ms), Spread::of(peer5));
+        row("5-sequence batch step ms", (o, p, Spread::of(vec![o.med / p.med])));
+        println!(
+            "5-beam step (ours) {beam} ms = {:.2}x a greedy step ({greedy} ms); BeamSearch::step {} ms",
+            beam.med / greedy.med,
+            med(|x| x.search_ms)
+        );
+    }
 
-    if a.mmproj.is_some() {
-        if let (Some(o), Some(p)) = (child_rss(&a, "ours"), child_rss(&a, "peer")) {
-            row(&format!("peak RSS GB (image+q+{RSS_TOKENS} tok)"), o, p);
-        }
+    if a.row("batch") && ours {
+        // How a decode step's cost grows with its rows (beams): ggml's repacked kernels take rows 4 at a time,
+        // its tiled K-quant kernels from 8 rows on.
+        let cost: Vec<String> = [1, 2, 4, 5, 6, 8]
+            .iter()
+            .map(|&n| {
+                let t = Spread::of(
+                    (0..a.reps).map(|_| bench::batch_step_ms(&mut s, 64, n, a.beam_steps).unwrap()).collect(),
+                );
+                format!("{n} rows {t} ms")
+            })
+            .collect();
+        println!("decode step by rows (ours): {}", cost.join(", "));
+    }
+
+    if a.mmproj.is_some() && a.row("rss") {
+        let o = if ours { child_rss(&a, "ours") } else { None };
+        let p = if peer { child_rss(&a, "peer") } else { None };
+        let one = |x: Option<f64>| Spread::of(x.into_iter().collect());
+        let ratio = one(o.zip(p).map(|(o, p)| o / p));
+        row(&format!("peak RSS GB (image+q+{RSS_TOKENS} tok)"), (one(o), one(p), ratio));
+    }
+    if bounded.is_empty() {
+        return;
     }
     let bw = median(bounded.iter().map(|r| r.bandwidth).collect());
     println!(

@@ -144,6 +144,29 @@ pub fn beam_steps(s: &mut Session<'_>, ctx: usize, n: usize) -> Result<BeamSteps
     Ok(BeamSteps { greedy_ms, beam_ms, model_ms: model_ms / steps, search_ms: search_ms / steps })
 }
 
+/// Milliseconds per step of `n_rows` sequences decoding side by side after a shared `ctx`-token prompt (the
+/// model part of a beam step of `n_rows` beams), `steps` steps.
+pub fn batch_step_ms(s: &mut Session<'_>, ctx: usize, n_rows: usize, steps: usize) -> Result<f64> {
+    s.cache.clear();
+    s.prefill(Input::Tokens(&tokens(ctx, s.model.hp.n_vocab)), 0, 0, false)?;
+    for seq in 1..n_rows {
+        s.cache.seq_cp(0, seq);
+    }
+    let mut out = Vec::new();
+    let t = Instant::now();
+    for i in 0..steps {
+        let ids: Vec<u32> = (0..n_rows as u32).map(|r| 400 + r).collect();
+        let batch = Batch {
+            input: Input::Tokens(&ids),
+            pos: vec![(ctx + i) as i32; n_rows],
+            seq: (0..n_rows).collect(),
+            logits: vec![true; n_rows],
+        };
+        s.decode_into(&batch, &mut out)?;
+    }
+    Ok(ms(t) / steps.max(1) as f64)
+}
+
 /// Bytes of weights one decode step reads: every tensor but the token embeddings, of which one row.
 pub fn decode_bytes_per_token(file: &GgufFile) -> usize {
     file.tensor_infos()

@@ -86,6 +86,7 @@ pub fn generate(
     }
     let n_vocab = session.model.hp.n_vocab;
     let mut rows = vec![logits];
+    let mut out = Vec::new();
     let mut interrupted = false;
     loop {
         // Sampling stops before its next token; a beam search only after a step (its first step sets it up).
@@ -110,8 +111,13 @@ pub fn generate(
         let k = step.feed.len();
         let batch =
             Batch { input: Input::Tokens(&step.feed), pos: vec![pos; k], seq: (0..k).collect(), logits: vec![true; k] };
-        let out = session.decode(&batch)?;
-        rows = out.chunks(n_vocab).map(|c| c.to_vec()).collect();
+        // The logits and the rows handed to the decoder reuse their buffers from step to step.
+        session.decode_into(&batch, &mut out)?;
+        rows.resize_with(k, Vec::new);
+        for (row, l) in rows.iter_mut().zip(out.chunks(n_vocab)) {
+            row.clear();
+            row.extend_from_slice(l);
+        }
         pos += 1;
         if step.done {
             break;

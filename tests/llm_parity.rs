@@ -24,7 +24,16 @@ fn run(path: &Path, prompt: &[u32], cache: Type, n_greedy: usize) -> (Vec<f32>, 
     let logits = s.prefill(Input::Tokens(prompt), 0, 0, true).unwrap();
     let v = model.hp.n_vocab;
     let last = logits[logits.len() - v..].to_vec();
+    let built = s.graphs_built();
     let greedy = generate::greedy(&mut s, last, prompt.len() as i32, n_greedy, &[2], |_| Ok(())).unwrap();
+    // Every decode step has one shape here (one row, the whole 256-cell cache attended): the first step builds
+    // its graph and every later step computes that graph again with new inputs (the continuation matching HF
+    // token for token shows the inputs are rewritten).
+    assert!(
+        s.graphs_built() - built <= 1,
+        "{} graphs for {n_greedy} decode steps of one shape",
+        s.graphs_built() - built
+    );
     (logits, v, greedy)
 }
 

@@ -3,6 +3,8 @@
 //! share their common prefix: copying a sequence, dropping one or reordering beams only relabels cells, and no
 //! K/V data moves.
 
+use std::rc::Rc;
+
 use anyhow::{bail, Result};
 use ggml::{Backend, Context, Type};
 
@@ -24,7 +26,8 @@ struct Cell {
 }
 
 pub struct KvCache {
-    ctx: Context,
+    /// The K/V tensors' context, shared with the kept decode graph that reads them (see `Session`).
+    ctx: Rc<Context>,
     n_layer: usize,
     cells: Vec<Cell>,
     ty: Type,
@@ -52,7 +55,7 @@ impl KvCache {
         ctx.alloc_tensors(backend)?;
         // Not zeroed here: `prepare` zeroes cells as graphs first reach them, so a large context costs memory only
         // as far as it is used (untouched pages of the buffer are never made resident).
-        Ok(KvCache { ctx, n_layer: hp.n_layer, cells: vec![Cell::default(); n_cells], ty, zeroed: 0 })
+        Ok(KvCache { ctx: Rc::new(ctx), n_layer: hp.n_layer, cells: vec![Cell::default(); n_cells], ty, zeroed: 0 })
     }
 
     /// Makes cells `0..n_kv` safe to attend to before a graph does: masked cells still meet a zero attention
@@ -84,11 +87,12 @@ impl KvCache {
     }
 
     pub fn tensors(&self) -> CacheTensors<'_> {
-        let get = |n: String| self.ctx.get_tensor(&n).expect("made in new()");
-        CacheTensors {
-            k: (0..self.n_layer).map(|il| get(format!("cache_k_l{il}"))).collect(),
-            v: (0..self.n_layer).map(|il| get(format!("cache_v_l{il}"))).collect(),
-        }
+        CacheTensors::of(&self.ctx, self.n_layer)
+    }
+
+    /// The K/V tensors' context, for a graph that is kept past this borrow.
+    pub fn context(&self) -> Rc<Context> {
+        Rc::clone(&self.ctx)
     }
 
     /// Claims `n` free cells for tokens at `pos` of sequences `seq`; returns their indices.

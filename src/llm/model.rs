@@ -137,6 +137,17 @@ pub struct CacheTensors<'g> {
     pub v: Vec<Tensor<'g>>,
 }
 
+impl<'g> CacheTensors<'g> {
+    /// The tensors of a KV cache context (`cache_k_l{il}`, `cache_v_l{il}`, as `KvCache::new` names them).
+    pub fn of(ctx: &'g Context, n_layer: usize) -> CacheTensors<'g> {
+        let get = |n: String| ctx.get_tensor(&n).expect("made by KvCache::new");
+        CacheTensors {
+            k: (0..n_layer).map(|il| get(format!("cache_k_l{il}"))).collect(),
+            v: (0..n_layer).map(|il| get(format!("cache_v_l{il}"))).collect(),
+        }
+    }
+}
+
 impl LlamaModel<'_> {
     /// Builds the forward graph for `n_tokens` new tokens attending to the first `n_kv` cache cells. Returns the
     /// logits tensor `[n_vocab, n_outputs]`.
@@ -153,6 +164,7 @@ impl LlamaModel<'_> {
         let (hd, nh, nkv) = (hp.head_dim, hp.n_head, hp.n_head_kv);
         let rope = RopeParams::plain(hd, RopeMode::Normal, hp.rope_base, hp.n_ctx_train);
         let kq_scale = 1.0 / (hd as f32).sqrt();
+        let n_out = inp.out_ids.ne()[0];
 
         let mut x = match (inp.tokens, inp.embeddings) {
             (Some(ids), _) => ctx.get_rows(self.tok_embd, ids).named("inp_embd"),
@@ -181,7 +193,14 @@ impl LlamaModel<'_> {
             let qp = ctx.permute(q, [0, 2, 1, 3]); // [hd, n_tokens, n_head]
             let attn = ctx.flash_attn_ext(qp, kv_view(cache.k[il]), kv_view(cache.v[il]), Some(inp.mask), kq_scale);
             let attn = ctx.reshape(attn, &[hd * nh, n_tokens]).named(&name("kqv_out"));
-            let cur = ctx.mul_mat(l.wo, attn).named(&name("attn_out"));
+            let mut cur = ctx.mul_mat(l.wo, attn).named(&name("attn_out"));
+            let mut inp_sa = inp_sa;
+            if il + 1 == self.layers.len() && n_out < n_tokens {
+                // Past the last attention only the rows whose logits are wanted go on (llama.cpp's inp_out_ids):
+                // a prompt's last feed-forward runs for one row, not for all of them.
+                cur = ctx.get_rows(cur, inp.out_ids);
+                inp_sa = ctx.get_rows(inp_sa, inp.out_ids);
+            }
             let ffn_inp = ctx.add(cur, inp_sa).named(&name("ffn_inp"));
 
             // SwiGLU feed-forward.
@@ -191,7 +210,10 @@ impl LlamaModel<'_> {
             let cur = ctx.mul_mat(l.ffn_down, ctx.swiglu_split(gate, up)).named(&name("ffn_out"));
             x = ctx.add(cur, ffn_inp).named(&name("l_out"));
         }
-        let x = ctx.get_rows(x, inp.out_ids);
+        let x = match self.layers.is_empty() && n_out < n_tokens {
+            true => ctx.get_rows(x, inp.out_ids),
+            false => x,
+        };
         let x = ctx.mul(ctx.rms_norm(x, hp.rms_eps), self.output_norm).named("result_norm");
         let logits = ctx.mul_mat(self.output, x).named("result_output").set_output();
         gf.build_forward_expand(logits);

@@ -1,11 +1,13 @@
 //! A decoding session: the model, its KV cache and a scheduler over the backends. `decode` runs one batch of new
 //! tokens (ids or ready embeddings) and returns the logits of the rows asked for.
 
+use std::rc::Rc;
+
 use anyhow::{bail, Context as _, Result};
-use ggml::{Backend, Context, Graph, Scheduler, Tensor, Type};
+use ggml::{Backend, Context, Graph, KeptGraph, Scheduler, Tensor, Type};
 
 use super::kv_cache::KvCache;
-use super::model::{GraphInputs, LlamaModel};
+use super::model::{CacheTensors, GraphInputs, LlamaModel};
 
 /// New input rows: token ids, or embeddings `[n, n_embd]` row-major (image features from the projector).
 #[derive(Clone, Copy, Debug)]
@@ -58,6 +60,15 @@ impl Default for SessionParams {
     }
 }
 
+/// What a graph's shape depends on: rows, attended cells, rows with logits, and whether the input is embeddings.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Shape {
+    n: usize,
+    n_kv: usize,
+    n_out: usize,
+    embeddings: bool,
+}
+
 pub struct Session<'a> {
     pub model: &'a LlamaModel<'a>,
     pub cache: KvCache,
@@ -65,8 +76,17 @@ pub struct Session<'a> {
     n_ubatch: usize,
     max_nodes: usize,
     backends: Vec<&'a Backend>,
-    /// The attention mask's buffer, kept between steps.
+    /// The last graph built and its shape: the next batch of the same shape (every decode step until the attended
+    /// prefix grows past a multiple of 256 cells) computes it again with new inputs, without building or
+    /// allocating anything, as llama.cpp reuses its graphs.
+    kept: Option<(Shape, KeptGraph<'a>)>,
+    /// Graphs built so far (a measure of reuse).
+    graphs_built: usize,
+    /// Buffers of the inputs written at every step, kept between steps so that a step allocates nothing.
     mask: Vec<half::f16>,
+    ids: Vec<i32>,
+    cells: Vec<i64>,
+    out_ids: Vec<i32>,
     /// Called with the row count of every batch computed (a progress bar over a long prompt).
     progress: Option<Box<dyn FnMut(usize) + 'a>>,
 }
@@ -86,7 +106,12 @@ impl<'a> Session<'a> {
             n_ubatch: p.n_ubatch.max(1),
             max_nodes,
             backends: backends.to_vec(),
+            kept: None,
+            graphs_built: 0,
             mask: Vec::new(),
+            ids: Vec::new(),
+            cells: Vec::new(),
+            out_ids: Vec::new(),
             progress: None,
         };
         session.reserve()?;
@@ -100,7 +125,8 @@ impl<'a> Session<'a> {
     fn reserve(&mut self) -> Result<()> {
         let (n, n_kv) = (self.n_ubatch.min(self.cache.n_cells()).max(1), self.cache.n_cells());
         let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
-        let (_, gf, _) = Self::graph(self.model, &self.cache, self.max_nodes, &ctx, (n, n_kv, n.min(64)), false);
+        let shape = Shape { n, n_kv, n_out: n.min(64), embeddings: false };
+        let (_, gf, _) = Self::graph(self.model, &self.cache.tensors(), self.max_nodes, &ctx, shape);
         self.sched.reserve(&gf)?;
         Ok(())
     }
@@ -121,11 +147,10 @@ impl<'a> Session<'a> {
     /// (A function of the fields it reads, so that the scheduler can be borrowed mutably beside the graph.)
     fn graph<'g>(
         model: &'g LlamaModel<'g>,
-        cache: &'g KvCache,
+        cache: &CacheTensors<'g>,
         max_nodes: usize,
         ctx: &'g Context,
-        (n, n_kv, n_out): (usize, usize, usize),
-        embeddings: bool,
+        Shape { n, n_kv, n_out, embeddings }: Shape,
     ) -> (GraphInputs<'g>, Graph<'g>, Tensor<'g>) {
         let hp = &model.hp;
         let (tokens, embeddings) = match embeddings {
@@ -140,14 +165,18 @@ impl<'a> Session<'a> {
             kv_idx: ctx.new_tensor(Type::I64, &[n]).named("kv_idx").set_input(),
             out_ids: ctx.new_tensor(Type::I32, &[n_out]).named("out_ids").set_input(),
         };
-        let tensors = cache.tensors();
         let mut gf = ctx.new_graph(max_nodes);
-        let logits = model.build_graph(ctx, &mut gf, &inputs, &tensors, n, n_kv);
+        let logits = model.build_graph(ctx, &mut gf, &inputs, cache, n, n_kv);
         (inputs, gf, logits)
     }
 
     pub fn n_ubatch(&self) -> usize {
         self.n_ubatch
+    }
+
+    /// Graphs built since the session started (a batch of the shape of the one before reuses its graph).
+    pub fn graphs_built(&self) -> usize {
+        self.graphs_built
     }
 
     /// Sets (or, with `None`, removes) a function called with the row count of every batch computed.
@@ -158,6 +187,13 @@ impl<'a> Session<'a> {
     /// Computes one batch (at most `n_ubatch` rows); returns the logits of the rows with `logits[i]`, in order,
     /// `n_vocab` values each.
     pub fn decode(&mut self, batch: &Batch<'_>) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.decode_into(batch, &mut out)?;
+        Ok(out)
+    }
+
+    /// As `decode`, into `out` (a decode loop passes the same vector every step and allocates nothing).
+    pub fn decode_into(&mut self, batch: &Batch<'_>, out: &mut Vec<f32>) -> Result<()> {
         let n = batch.len();
         let hp = &self.model.hp;
         if n == 0 || n > self.n_ubatch || batch.seq.len() != n || batch.logits.len() != n {
@@ -175,8 +211,11 @@ impl<'a> Session<'a> {
             }
             Input::Embeddings(_) => {}
         }
+        if !batch.logits.contains(&true) {
+            bail!("a batch must ask for at least one row of logits");
+        }
         let cells = self.cache.claim(&batch.pos, &batch.seq)?;
-        let result = self.compute(batch, &cells);
+        let result = self.compute(batch, &cells, out);
         match (&result, &mut self.progress) {
             (Err(_), _) => self.cache.release(&cells),
             (Ok(_), Some(f)) => f(n),
@@ -185,34 +224,54 @@ impl<'a> Session<'a> {
         result
     }
 
-    fn compute(&mut self, batch: &Batch<'_>, cells: &[usize]) -> Result<Vec<f32>> {
+    fn compute(&mut self, batch: &Batch<'_>, cells: &[usize], out: &mut Vec<f32>) -> Result<()> {
         let n = batch.len();
         let n_kv = self.cache.n_kv();
         self.cache.prepare(n_kv)?;
-        let out_ids: Vec<i32> = (0..n as i32).filter(|&i| batch.logits[i as usize]).collect();
-        if out_ids.is_empty() {
-            bail!("a batch must ask for at least one row of logits");
-        }
-
-        let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
+        self.out_ids.clear();
+        self.out_ids.extend((0..n as i32).filter(|&i| batch.logits[i as usize]));
         let embeddings = matches!(batch.input, Input::Embeddings(_));
-        let (inputs, gf, logits) =
-            Self::graph(self.model, &self.cache, self.max_nodes, &ctx, (n, n_kv, out_ids.len()), embeddings);
+        let shape = Shape { n, n_kv, n_out: self.out_ids.len(), embeddings };
 
-        self.sched.alloc(&gf)?;
+        // (A cache replaced since the graph was built invalidates it too: the graph reads the cache it was built on.)
+        let stale = |(s, g): &(Shape, KeptGraph<'_>)| *s != shape || !Rc::ptr_eq(&g.kept()[0], &self.cache.context());
+        if self.kept.as_ref().is_none_or(stale) {
+            self.kept = None; // the old graph's context goes before the new one is made
+            let (model, max_nodes, n_layer) = (self.model, self.max_nodes, self.model.hp.n_layer);
+            let ctx = Context::new(max_nodes * 2, max_nodes)?;
+            let kept = KeptGraph::build(ctx, vec![self.cache.context()], |ctx, keep, _within| {
+                Self::graph(model, &CacheTensors::of(&keep[0], n_layer), max_nodes, ctx, shape).1
+            });
+            self.kept = Some((shape, kept));
+            self.graphs_built += 1;
+        }
+        let kept = &self.kept.as_ref().expect("built above").1;
+        let gf = kept.graph();
+        if !self.sched.is_allocated(&gf) {
+            self.sched.alloc(&gf)?;
+        }
+        let input = |name: &str| kept.tensor(name).with_context(|| format!("graph input {name}"));
         match batch.input {
             Input::Tokens(t) => {
-                self.sched.write(inputs.tokens.unwrap(), &t.iter().map(|&x| x as i32).collect::<Vec<_>>())?
+                self.ids.clear();
+                self.ids.extend(t.iter().map(|&x| x as i32));
+                self.sched.write(input("inp_tokens")?, &self.ids)?
             }
-            Input::Embeddings(e) => self.sched.write(inputs.embeddings.unwrap(), e)?,
+            Input::Embeddings(e) => self.sched.write(input("inp_embd")?, e)?,
         }
-        self.sched.write(inputs.pos, &batch.pos)?;
+        self.sched.write(input("inp_pos")?, &batch.pos)?;
         self.cache.mask_into(n_kv, &batch.pos, &batch.seq, &mut self.mask);
-        self.sched.write(inputs.mask, &self.mask)?;
-        self.sched.write(inputs.kv_idx, &cells.iter().map(|&c| c as i64).collect::<Vec<_>>())?;
-        self.sched.write(inputs.out_ids, &out_ids)?;
+        self.sched.write(input("kq_mask")?, &self.mask)?;
+        self.cells.clear();
+        self.cells.extend(cells.iter().map(|&c| c as i64));
+        self.sched.write(input("kv_idx")?, &self.cells)?;
+        if shape.n_out < n {
+            // (With every row wanted the graph has no row selection and this input is unused.)
+            self.sched.write(input("out_ids")?, &self.out_ids)?;
+        }
         self.sched.compute(&gf)?;
-        Ok(self.sched.read::<f32>(logits)?)
+        self.sched.read_into(input("result_output")?, out)?;
+        Ok(())
     }
 
     /// Feeds `input` (n rows) to sequence `seq` from position `pos0` in micro-batches. Returns the logits of every

@@ -26,7 +26,7 @@ pub mod gguf;
 pub use backend::{devices, Backend, Device, DeviceKind};
 pub use buffer::{Buffer, BufferType};
 pub use context::Context;
-pub use graph::Graph;
+pub use graph::{Graph, KeptGraph, Within};
 pub use log::log_to_stderr;
 pub use mmap::{page_size, MappedFile};
 pub use ops::{RopeMode, RopeParams};

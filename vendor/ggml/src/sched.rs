@@ -9,6 +9,9 @@ use crate::{sys, Backend, Error, Graph, Pod, Result, Tensor};
 /// Owner of a `ggml_backend_sched`, borrowing its backends.
 pub struct Scheduler<'b> {
     raw: NonNull<sys::ggml_backend_sched>,
+    /// The id of the graph allocated last, while its allocation stands (`compute` of that graph again skips the
+    /// allocation; any other graph is allocated first).
+    allocated: Option<u64>,
     _backends: PhantomData<&'b Backend>,
 }
 
@@ -34,6 +37,7 @@ impl<'b> Scheduler<'b> {
         };
         Ok(Scheduler {
             raw: NonNull::new(s).ok_or(Error::OutOfMemory("ggml_backend_sched_new"))?,
+            allocated: None,
             _backends: PhantomData,
         })
     }
@@ -44,6 +48,8 @@ impl<'b> Scheduler<'b> {
 
     /// Reserves buffers large enough for `graph` (call with the largest graph to avoid reallocations).
     pub fn reserve(&mut self, graph: &Graph<'_>) -> Result<()> {
+        // ggml resets the scheduler after reserving: no graph stays allocated.
+        self.allocated = None;
         // SAFETY: valid scheduler and graph.
         let ok = unsafe { sys::ggml_backend_sched_reserve(self.as_ptr(), graph.as_ptr()) };
         ok.then_some(()).ok_or(Error::OutOfMemory("ggml_backend_sched_reserve"))
@@ -51,17 +57,30 @@ impl<'b> Scheduler<'b> {
 
     /// Assigns backends to the graph's nodes and allocates its tensors; inputs can be written afterwards.
     pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
+        self.allocated = None;
         // SAFETY: valid scheduler and graph; resetting first drops the previous graph's assignments.
         let ok = unsafe {
             sys::ggml_backend_sched_reset(self.as_ptr());
             sys::ggml_backend_sched_alloc_graph(self.as_ptr(), graph.as_ptr())
         };
-        ok.then_some(()).ok_or(Error::OutOfMemory("ggml_backend_sched_alloc_graph"))
+        ok.then_some(()).ok_or(Error::OutOfMemory("ggml_backend_sched_alloc_graph"))?;
+        self.allocated = Some(graph.id());
+        Ok(())
     }
 
-    /// Runs an allocated graph to completion.
+    /// True while `graph` is the graph allocated last: its inputs can be written and it can be computed again.
+    pub fn is_allocated(&self, graph: &Graph<'_>) -> bool {
+        self.allocated == Some(graph.id())
+    }
+
+    /// Runs a graph to completion, allocating it first unless it is the graph allocated last (whose inputs the
+    /// caller has written since).
     pub fn compute(&mut self, graph: &Graph<'_>) -> Result<()> {
-        // SAFETY: valid scheduler and a graph it allocated (ggml allocates it if not).
+        if !self.is_allocated(graph) {
+            self.alloc(graph)?;
+        }
+        // SAFETY: valid scheduler and the graph it allocated last (checked above), whose tensors are all alive
+        // (a Graph borrows everything it reaches).
         let status = unsafe { sys::ggml_backend_sched_graph_compute(self.as_ptr(), graph.as_ptr()) };
         if status == sys::GGML_STATUS_SUCCESS {
             Ok(())
@@ -109,6 +128,14 @@ impl<'b> Scheduler<'b> {
             return Err(Error::NotAllocated(t.name()));
         }
         crate::tensor::read_tensor(t)
+    }
+
+    /// As `read`, into `out` (its allocation reused from step to step).
+    pub fn read_into<T: Pod>(&self, t: Tensor<'_>, out: &mut Vec<T>) -> Result<()> {
+        if !self.holds(t) {
+            return Err(Error::NotAllocated(t.name()));
+        }
+        crate::tensor::read_tensor_into(t, out)
     }
 }
 

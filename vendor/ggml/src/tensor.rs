@@ -114,13 +114,22 @@ impl std::fmt::Debug for Tensor<'_> {
 ///
 /// Callers guarantee the tensor's buffer is alive (the owner of the buffer is borrowed by the caller).
 pub(crate) fn read_tensor<T: crate::Pod>(t: Tensor<'_>) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    read_tensor_into(t, &mut out)?;
+    Ok(out)
+}
+
+/// As `read_tensor`, into `out` (resized to fit; its allocation is reused).
+pub(crate) fn read_tensor_into<T: crate::Pod>(t: Tensor<'_>, out: &mut Vec<T>) -> Result<()> {
     let bytes = t.nbytes();
     let size = std::mem::size_of::<T>();
     if size == 0 || bytes % size != 0 || !t.is_contiguous() {
         return Err(Error::Size { tensor: t.name(), expected: bytes, got: size });
     }
-    let mut out = vec![T::default(); bytes / size];
-    // SAFETY: the caller guarantees the buffer is alive; `out` has exactly `bytes` bytes of a `Pod` type (any bit pattern is valid).
+    out.clear();
+    out.resize(bytes / size, T::default());
+    // SAFETY: the caller guarantees the buffer is alive; `out` has exactly `bytes` bytes of a `Pod` type (any bit
+    // pattern is valid).
     unsafe { sys::ggml_backend_tensor_get(t.as_ptr(), out.as_mut_ptr().cast(), 0, bytes) };
-    Ok(out)
+    Ok(())
 }
