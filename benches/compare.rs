@@ -3,7 +3,7 @@
 //!
 //!   cargo bench --bench compare -- --model LLM.gguf [--mmproj MMPROJ.gguf] [--peer-mmproj MMPROJ.gguf]
 //!                                  [--threads 2] [--reps 3] [--pp 512] [--tg 128] [--beam-steps 16] [--no-repack]
-//!                                  [--rows pp,tg,image,beam,rss] [--side both|ours|peer]
+//!                                  [--rows pp,tg,image,beam,batch,rss] [--side both|ours|peer]
 //!
 //! `--peer-mmproj` gives llama.cpp another vision file than ours (say its F16 one against our 8-bit one); the
 //! difference of the two image embeddings is then printed as the quality cost.
@@ -13,7 +13,7 @@
 //! model, our row the whole step), peak RSS of the image + question + 16 tokens job (each side in a child
 //! process), and the memory-bandwidth decode bound. Ratios are ours / llama.cpp (for times, above 1 is slower).
 //!
-//! `--rows` runs only the rows named; `--side ours|peer` runs only one side's measurements (the other column reads
+//! `--rows` runs only the rows named (`encode`: the image encode alone, without the TTFT rows after it); `--side ours|peer` runs only one side's measurements (the other column reads
 //! NaN), so that a profiler attached to the process sees one program at a time.
 
 use std::num::NonZeroU32;
@@ -422,7 +422,7 @@ fn main() {
         row(&format!("tg{} tok/s", a.tg), r);
     }
 
-    if let (Some(v), Some(mm), true) = (&vmodel, &a.mmproj, a.row("image")) {
+    if let (Some(v), Some(mm), true) = (&vmodel, &a.mmproj, a.row("image") || a.row("encode")) {
         let size = v.hp.image_size;
         let mut enc = VisionEncoder::new(v, &backends).unwrap();
         let peer_mm = a.peer_mmproj.as_deref().unwrap_or(mm);
@@ -441,18 +441,20 @@ fn main() {
             &mut || pv.encode_ms(),
         );
         row("image encode ms", encode);
-        let ttft = pair(
-            &mut || bench::time_to_first_token(&mut enc, &mut s, &prompt, loaded.tok.image, &px).unwrap(),
-            &mut || pv.ttft_ms(&mut pctx).0,
-        );
-        row("image + question TTFT ms", ttft);
-        // llama.cpp's image-token prefill is not separable from mtmd's helper: derived as TTFT - encode for both
-        // (medians), which also holds the ~40 text tokens.
-        row("  of which prefill ms", single(ttft.0.med - encode.0.med, ttft.1.med - encode.1.med));
-        if ours {
-            let n_img = v.hp.n_image_tokens();
-            let ip = Spread::of((0..a.reps).map(|_| bench::prefill_embeddings(&mut s, n_img).unwrap()).collect());
-            println!("{:<30} {ip:>24}", format!("image prefill {n_img} tok/s"));
+        if a.row("image") {
+            let ttft = pair(
+                &mut || bench::time_to_first_token(&mut enc, &mut s, &prompt, loaded.tok.image, &px).unwrap(),
+                &mut || pv.ttft_ms(&mut pctx).0,
+            );
+            row("image + question TTFT ms", ttft);
+            // llama.cpp's image-token prefill is not separable from mtmd's helper: derived as TTFT - encode for both
+            // (medians), which also holds the ~40 text tokens.
+            row("  of which prefill ms", single(ttft.0.med - encode.0.med, ttft.1.med - encode.1.med));
+            if ours {
+                let n_img = v.hp.n_image_tokens();
+                let ip = Spread::of((0..a.reps).map(|_| bench::prefill_embeddings(&mut s, n_img).unwrap()).collect());
+                println!("{:<30} {ip:>24}", format!("image prefill {n_img} tok/s"));
+            }
         }
     }
 

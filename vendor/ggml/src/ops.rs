@@ -90,6 +90,8 @@ impl Context {
         silu => ggml_silu;
         /// tanh, in f32 on every backend.
         tanh => ggml_tanh;
+        /// 1 / (1 + e^-x).
+        sigmoid => ggml_sigmoid;
         /// x².
         sqr => ggml_sqr;
         /// A contiguous copy.
@@ -123,14 +125,14 @@ impl Context {
 
     /// GELU, tanh form, computed in f32: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))). `gelu` is the same function
     /// but ggml's CPU kernel looks it up in an f16 table (input and output rounded to 11 bits), which moves
-    /// SigLIP's features by ~1e-3; this composition is exact to f32 rounding, at the cost of a few element-wise
-    /// passes.
+    /// SigLIP's features by ~1e-3; this composition is exact to f32 rounding. It is written as
+    /// x·sigmoid(u), u = 2√(2/π)·x·(1 + 0.044715·x²) (since (1 + tanh z)/2 = sigmoid(2z)): five element-wise
+    /// passes, and ggml's sigmoid is an `expf` where its tanh is a slower `tanhf` (the vision tower's encode
+    /// measured ~6% faster than the tanh form with eight passes).
     pub fn gelu_tanh_precise<'a>(&'a self, x: Tensor<'a>) -> Tensor<'a> {
-        const SQRT_2_OVER_PI: f32 = 0.797_884_6;
-        let x3 = self.mul(self.sqr(x), x);
-        let inner = self.scale(self.add(x, self.scale(x3, 0.044715)), SQRT_2_OVER_PI);
-        let t = self.scale_bias(self.tanh(inner), 0.5, 0.5); // (1 + tanh) / 2
-        self.mul(x, t)
+        const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_1;
+        let s = self.scale_bias(self.sqr(x), TWO_SQRT_2_OVER_PI * 0.044715, TWO_SQRT_2_OVER_PI);
+        self.mul(x, self.sigmoid(self.mul(s, x)))
     }
 
     /// RMS normalization over `ne[0]`: x / sqrt(mean(x²) + eps).
