@@ -3,7 +3,7 @@
 //!
 //!   cargo bench --bench compare -- --model LLM.gguf [--mmproj MMPROJ.gguf] [--peer-mmproj MMPROJ.gguf]
 //!                                  [--threads 2] [--reps 3] [--pp 512] [--tg 128] [--beam-steps 16] [--no-repack]
-//!                                  [--rows pp,tg,image,beam,batch,rss] [--side both|ours|peer]
+//!                                  [--rows pp,tg,image,beam,batch,rss] [--side both|ours|peer] [--ubatch 512]
 //!
 //! `--peer-mmproj` gives llama.cpp another vision file than ours (say its F16 one against our 8-bit one); the
 //! difference of the two image embeddings is then printed as the quality cost.
@@ -51,6 +51,8 @@ struct Args {
     tg: usize,
     beam_steps: usize,
     no_repack: bool,
+    /// Our micro-batch size (llama.cpp's stays at its default, 512).
+    ubatch: usize,
     /// Rows to run (pp, tg, image, beam, rss).
     rows: Vec<String>,
     /// Which side to measure: both, ours or peer.
@@ -70,6 +72,7 @@ fn args() -> Args {
         tg: 128,
         beam_steps: 16,
         no_repack: false,
+        ubatch: 512,
         rows: ["pp", "tg", "image", "beam", "rss"].map(String::from).to_vec(),
         side: "both".into(),
         rss_child: None,
@@ -88,6 +91,7 @@ fn args() -> Args {
             "--pp" => a.pp = num("--pp"),
             "--tg" => a.tg = num("--tg"),
             "--beam-steps" => a.beam_steps = num("--beam-steps"),
+            "--ubatch" => a.ubatch = num("--ubatch").max(1),
             "--rss-child" => a.rss_child = Some(val()),
             "--rows" => a.rows = val().split(',').map(String::from).collect(),
             "--side" => a.side = val(),
@@ -359,7 +363,7 @@ fn main() {
     let backends = loaded.backends();
     let n_vocab = model.hp.n_vocab;
     let n_ctx = (a.pp.max(64 + a.tg) + 64).max(1024);
-    let params = SessionParams { n_ctx, ..Default::default() };
+    let params = SessionParams { n_ctx, n_ubatch: a.ubatch, ..Default::default() };
     let mut s = Session::new(&model, &backends, &params).unwrap();
 
     let backend_peer = LlamaBackend::init().unwrap();
@@ -417,7 +421,12 @@ fn main() {
                 bounded.push(run);
                 run.tok_s
             },
-            &mut || peer_tg(&mut pctx, 64, a.tg, n_vocab),
+            &mut || {
+                // The same bandwidth pass (1 GiB allocated, read, freed) before llama.cpp's run as before ours, so
+                // that whatever it leaves behind (caches, free pages) weighs on both sides alike.
+                std::hint::black_box(bench::read_bandwidth(1 << 30, a.threads, 5));
+                peer_tg(&mut pctx, 64, a.tg, n_vocab)
+            },
         );
         row(&format!("tg{} tok/s", a.tg), r);
     }
