@@ -4,7 +4,7 @@
 use std::rc::Rc;
 
 use anyhow::{bail, Context as _, Result};
-use ggml::{Backend, Context, Graph, KeptGraph, Scheduler, Tensor, Type};
+use ggml::{Backend, Context, Graph, KeptGraph, Scheduler, Type};
 
 use super::kv_cache::KvCache;
 use super::model::{CacheTensors, GraphInputs, LlamaModel};
@@ -126,7 +126,7 @@ impl<'a> Session<'a> {
         let (n, n_kv) = (self.n_ubatch.min(self.cache.n_cells()).max(1), self.cache.n_cells());
         let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
         let shape = Shape { n, n_kv, n_out: n.min(64), embeddings: false };
-        let (_, gf, _) = Self::graph(self.model, &self.cache.tensors(), self.max_nodes, &ctx, shape);
+        let gf = Self::graph(self.model, &self.cache.tensors(), self.max_nodes, &ctx, shape);
         self.sched.reserve(&gf)?;
         Ok(())
     }
@@ -151,7 +151,7 @@ impl<'a> Session<'a> {
         max_nodes: usize,
         ctx: &'g Context,
         Shape { n, n_kv, n_out, embeddings }: Shape,
-    ) -> (GraphInputs<'g>, Graph<'g>, Tensor<'g>) {
+    ) -> Graph<'g> {
         let hp = &model.hp;
         let (tokens, embeddings) = match embeddings {
             false => (Some(ctx.new_tensor(Type::I32, &[n]).named("inp_tokens").set_input()), None),
@@ -166,8 +166,9 @@ impl<'a> Session<'a> {
             out_ids: ctx.new_tensor(Type::I32, &[n_out]).named("out_ids").set_input(),
         };
         let mut gf = ctx.new_graph(max_nodes);
-        let logits = model.build_graph(ctx, &mut gf, &inputs, cache, n, n_kv);
-        (inputs, gf, logits)
+        // The inputs and the logits are found by name in the graph (`KeptGraph::tensor`) when a step fills them.
+        model.build_graph(ctx, &mut gf, &inputs, cache, n, n_kv);
+        gf
     }
 
     pub fn n_ubatch(&self) -> usize {
@@ -240,7 +241,7 @@ impl<'a> Session<'a> {
             let (model, max_nodes, n_layer) = (self.model, self.max_nodes, self.model.hp.n_layer);
             let ctx = Context::new(max_nodes * 2, max_nodes)?;
             let kept = KeptGraph::build(ctx, vec![self.cache.context()], |ctx, keep, _within| {
-                Self::graph(model, &CacheTensors::of(&keep[0], n_layer), max_nodes, ctx, shape).1
+                Self::graph(model, &CacheTensors::of(&keep[0], n_layer), max_nodes, ctx, shape)
             });
             self.kept = Some((shape, kept));
             self.graphs_built += 1;
