@@ -15,22 +15,24 @@ use image::RgbImage;
 
 const SIZES: [usize; 2] = [56, 64];
 
-/// The golden image names (tests/fixtures/images/*), sorted.
+/// The images with PIL / HF goldens (every file in tests/fixtures/images but the full-width fixture's photo,
+/// whose pixel values tests/fullwidth_parity.rs checks).
 fn images() -> Vec<String> {
     let dir = common::fixtures::root().join("images");
-    let mut v: Vec<String> =
-        std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != common::fixtures::FULLWIDTH_IMAGE)
+        .collect();
     v.sort();
-    assert_eq!(v.len(), 7, "expected the 7 fixture images in {}", dir.display());
+    let mut listed: Vec<String> = common::fixtures::IMAGES.iter().map(|s| s.to_string()).collect();
+    listed.sort();
+    assert_eq!(v, listed, "the fixture images in {} and common::fixtures::IMAGES differ", dir.display());
     v
 }
 
 fn image_path(name: &str) -> PathBuf {
     common::fixtures::root().join("images").join(name)
-}
-
-fn is_jpeg(name: &str) -> bool {
-    name.ends_with(".jpg") || name.ends_with(".jpeg")
 }
 
 /// PIL's `convert("RGB")` of a fixture image.
@@ -83,17 +85,6 @@ fn pv_diff(ours: &[f32], golden: &[f64]) -> (f64, f64, usize) {
     (max, sum / ours.len() as f64, n)
 }
 
-/// PIL's decode of the JPEG fixture (libjpeg-turbo) vs ours (jpeg-decoder): measured max 3 levels, mean 0.12,
-/// 369 of 4050 values differ on the 30x45 q90 4:2:0 fixture. Bound at the measured value, so a decoder change
-/// shows up. (zune-jpeg, the image crate's decoder, was 9 levels off there: see src/preprocess/decode.rs.)
-const JPEG_MAX_LEVELS: u8 = 3;
-
-/// The same after the (exact) resize, in levels of the resized image: 3 on x86-64, where jpeg-decoder runs its
-/// SSE inverse DCT; 4 on other CPUs (aarch64 on stable Rust), where it runs its scalar one, whose rounding lands
-/// one level further from libjpeg-turbo's after the resize on one 64 px pixel. Both measured; libjpeg-turbo
-/// itself (issue 15) is the way to 0.
-const JPEG_MAX_LEVELS_RESIZED: u8 = if cfg!(target_arch = "x86_64") { 3 } else { 4 };
-
 #[test]
 fn rgb_conversion_matches_pil() {
     for name in images() {
@@ -102,11 +93,8 @@ fn rgb_conversion_matches_pil() {
         assert_eq!(ours.dimensions(), golden.dimensions(), "{name}");
         let (max, mean, n) = byte_diff(&ours, &golden);
         eprintln!("rgb {name}: max {max} levels, mean {mean:.5}, {n} of {} values differ", golden.as_raw().len());
-        if is_jpeg(&name) {
-            assert!(max <= JPEG_MAX_LEVELS, "{name}: JPEG decode differs from PIL by {max} levels");
-        } else {
-            assert_eq!(max, 0, "{name}: RGB conversion differs from PIL's convert(\"RGB\")");
-        }
+        // Every format bit-exact, JPEG included (libjpeg-turbo with Pillow's settings).
+        assert_eq!(max, 0, "{name}: RGB conversion differs from PIL's convert(\"RGB\")");
     }
 }
 
@@ -142,13 +130,7 @@ fn end_to_end_from_file_matches_hf() {
                 max * 127.5,
                 golden.len()
             );
-            if is_jpeg(&name) {
-                // The resize is exact, so only the decode differences remain (and the resize's re-quantisation).
-                // One level is 2/255 in pixel-value units.
-                assert!(max <= (JPEG_MAX_LEVELS_RESIZED as f64) * 2.0 / 255.0 + 1e-6, "{name} s{s}: {max}");
-            } else {
-                assert_eq!(max, 0.0, "{name} s{s}");
-            }
+            assert_eq!(max, 0.0, "{name} s{s}");
         }
     }
 }

@@ -13,16 +13,15 @@
 //!   reproduce that for parity with the HF path, since the point of this module is to feed the model exactly
 //!   what HF would; a runtime wanting a sensible picture should convert such images itself beforehand.
 //!   This also applies with a tRNS chunk (still `I;16` in PIL), which is why the PNG header is read here.
-//! - JPEG is decoded with `jpeg-decoder`, not the image crate's zune-jpeg: neither is libjpeg-turbo (PIL's
-//!   decoder: different IDCT rounding, chroma upsampling and YCbCr tables), so pixels may differ by a few levels,
-//!   but zune-jpeg 0.5 also interpolates the last column of a chroma-subsampled image with the block padding
-//!   where libjpeg replicates the edge sample (9 levels off on the 30x45 fixture, against 3 for jpeg-decoder;
-//!   measured bounds in tests/preprocess.rs).
-//!   On PIL-written test JPEGs (4:2:0, 4:2:2, 4:4:4, progressive, odd sizes) jpeg-decoder stayed within
-//!   3 levels, grey JPEG within 1.
-//! - CMYK / YCCK JPEG: PIL reads them as Adobe-inverted `CMYK;I`, then `cmyk2rgb`:
-//!   `R = (255 - K) - round(C * (255 - K) / 255)`; jpeg-decoder hands back the same (un-inverted) C, M, Y, K,
-//!   so the same formula is applied here (a PIL-written CMYK JPEG came out within 1 level).
+//! - JPEG is decoded with libjpeg-turbo (the `turbojpeg` crate, built from source), the library Pillow links,
+//!   with Pillow's settings (islow IDCT, fancy upsampling): bit-identical pixels for baseline, progressive,
+//!   4:2:0 / 4:2:2 / 4:4:4, grey, restart markers (the fixtures in tests/preprocess.rs). Other decoders are
+//!   not: jpeg-decoder was up to 3 levels off, the image crate's zune-jpeg 9 (edge replication).
+//! - CMYK / YCCK JPEG: Pillow reads every 4-component JPEG as Adobe-inverted `CMYK;I`, then `cmyk2rgb`:
+//!   `R = (255 - K) - round(C * (255 - K) / 255)`; libjpeg hands back the stored (inverted) values, YCCK
+//!   converted to CMYK, so they are inverted and the same formula is applied.
+//! - A JPEG that libjpeg decodes only with a warning (corrupt entropy data, extraneous bytes) is refused with
+//!   libjpeg's message; Pillow ignores such warnings (a truncated file is an error in both).
 //! - WebP (lossless and lossy), BMP (24/32-bit, 8-bit palette, grey, 1-bit) and GIF (palette, grey,
 //!   transparent index, animated): identical to PIL on the PIL-written test files that were checked.
 //! - GIF: first frame, palette colours (also under the transparent index). Where the first frame does not
@@ -83,7 +82,7 @@ impl Default for ImageLimits {
     }
 }
 
-/// The formats we decode (JPEG through jpeg-decoder, the others through the `image` features enabled in
+/// The formats we decode (JPEG through libjpeg-turbo, the others through the `image` features enabled in
 /// Cargo.toml).
 const FORMATS: &[ImageFormat] =
     &[ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Bmp, ImageFormat::Gif];
@@ -251,58 +250,52 @@ fn oom(name: &str, w: u32, h: u32, e: TryReserveError) -> anyhow::Error {
     anyhow::anyhow!("image {name}: out of memory decoding the {w}x{h} image ({e})")
 }
 
-/// JPEG through jpeg-decoder: grey, YCbCr / RGB, and CMYK / YCCK (PIL's `cmyk2rgb`).
-fn decode_jpeg(bytes: &[u8], name: &str, limits: &ImageLimits, resize_to: Option<(u32, u32)>) -> Result<RgbImage> {
-    use jpeg_decoder::{CodingProcess, PixelFormat};
-    let corrupt = || format!("{name}: corrupt or unreadable JPEG image");
-    let mut decoder = jpeg_decoder::Decoder::new(bytes);
-    // Markers up to the frame header only.
-    decoder.read_info().with_context(corrupt)?;
-    let info = decoder.info().with_context(corrupt)?;
-    let (w, h) = (info.width as u32, info.height as u32);
-    // jpeg-decoder's buffers: one u8 plane per component padded to whole MCUs (assumed full resolution, i.e.
-    // no chroma subsampling: an upper bound), the 16-bit coefficients of the whole image for a progressive
-    // (or 16-bit samples for a lossless) JPEG, kept until the end, and the interleaved output.
-    let comps = match info.pixel_format {
-        PixelFormat::L8 | PixelFormat::L16 => 1u64,
-        PixelFormat::RGB24 => 3,
-        PixelFormat::CMYK32 => 4,
-    };
-    let padded = (w as u64).div_ceil(16) * 16 * ((h as u64).div_ceil(16) * 16);
-    let planes = comps * padded;
-    let coeffs = match info.coding_process {
-        CodingProcess::DctSequential => 0,
-        CodingProcess::DctProgressive | CodingProcess::Lossless => 2 * comps * padded,
-    };
-    let n = w as u64 * h as u64;
-    let out = n * info.pixel_format.pixel_bytes() as u64;
-    let rgb_copy = if info.pixel_format == PixelFormat::RGB24 { 0 } else { rgb_bytes(w, h) };
-    let decode_bytes = (planes + coeffs + out).max(out + rgb_copy);
-    check_header(name, &Header { width: w, height: h, decode_bytes }, limits, resize_to)?;
-    decoder.set_max_decoding_buffer_size(usize::try_from(limits.max_bytes).unwrap_or(usize::MAX));
-    let px = decoder.decode().with_context(corrupt)?;
-    // Frees the progressive coefficients before the RGB conversion.
-    drop(decoder);
+/// libjpeg-turbo's limit on the scans of a progressive JPEG: a real one has about 10, a hostile one can hold
+/// thousands of tiny scans, each a pass over the whole image's coefficients (libjpeg-turbo's own advice for
+/// untrusted input).
+const MAX_JPEG_SCANS: u32 = 500;
 
-    let n = n as usize;
-    if px.len() != n * info.pixel_format.pixel_bytes() {
-        bail!("{name}: corrupt JPEG: {} bytes decoded for {w}x{h} {:?}", px.len(), info.pixel_format);
+/// JPEG through libjpeg-turbo, the library Pillow links, with Pillow's settings (its defaults: accurate
+/// "islow" integer IDCT, fancy upsampling, no DCT scaling), so pixels are bit-identical to Pillow's: grey and
+/// YCbCr / RGB to RGB, CMYK / YCCK as Pillow does (below).
+fn decode_jpeg(bytes: &[u8], name: &str, limits: &ImageLimits, resize_to: Option<(u32, u32)>) -> Result<RgbImage> {
+    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat};
+    let corrupt = |e: turbojpeg::Error| anyhow::anyhow!("{name}: corrupt or unreadable JPEG image ({e})");
+    let mut decoder = Decompressor::new().map_err(corrupt)?;
+    // Markers up to the frame header only.
+    let info = decoder.read_header(bytes).map_err(corrupt)?;
+    let (w, h) = (u32::try_from(info.width).unwrap_or(u32::MAX), u32::try_from(info.height).unwrap_or(u32::MAX));
+    if info.is_lossless {
+        // Pillow reads through libjpeg's 8-bit API and refuses lossless (and 12-bit) JPEG too.
+        bail!("{name}: lossless JPEG is not supported");
     }
-    let rgb: Vec<u8> = match info.pixel_format {
-        PixelFormat::RGB24 => px,
-        PixelFormat::L8 => {
-            let mut rgb = try_with_capacity(n * 3).map_err(|e| oom(name, w, h, e))?;
-            rgb.extend(px.iter().flat_map(|&v| [v; 3]));
-            rgb
-        }
-        PixelFormat::CMYK32 => {
-            let mut rgb = try_with_capacity(n * 3).map_err(|e| oom(name, w, h, e))?;
-            rgb.extend(px.chunks_exact(4).flat_map(|p| cmyk_to_rgb([p[0], p[1], p[2], p[3]])));
-            rgb
-        }
-        // 12-bit / lossless JPEG: Pillow reads through libjpeg's 8-bit API and refuses them too, as far as we know.
-        PixelFormat::L16 => bail!("{name}: 16-bit (12-bit or lossless) JPEG is not supported"),
-    };
+    // Pillow opens every 4-component JPEG as Adobe-inverted CMYK (`CMYK;I`) and converts that with `cmyk2rgb`;
+    // libjpeg hands back the stored C, M, Y, K (YCCK converted to CMYK).
+    let cmyk = matches!(info.colorspace, Colorspace::CMYK | Colorspace::YCCK);
+    let (format, px_bytes) = if cmyk { (PixelFormat::CMYK, 4u64) } else { (PixelFormat::RGB, 3) };
+    // libjpeg's buffers: a baseline JPEG is decoded a row of MCUs at a time, a progressive one keeps the 16-bit
+    // coefficients of the whole image (bounded here as if no component were subsampled), plus our output and,
+    // for CMYK, the RGB copy.
+    let comps = if cmyk { 4 } else { 3 };
+    let padded = (w as u64).div_ceil(16) * 16 * ((h as u64).div_ceil(16) * 16);
+    let coeffs = if info.is_progressive { 2 * comps * padded } else { 0 };
+    let out = (w as u64).saturating_mul(h as u64).saturating_mul(px_bytes);
+    let rgb_copy = if cmyk { rgb_bytes(w, h) } else { 0 };
+    let decode_bytes = (coeffs + out).max(out + rgb_copy);
+    check_header(name, &Header { width: w, height: h, decode_bytes }, limits, resize_to)?;
+
+    decoder.set_scan_limit(MAX_JPEG_SCANS).map_err(corrupt)?;
+    let mut px = try_zeroed(out).map_err(|e| oom(name, w, h, e))?;
+    let pitch = info.width * px_bytes as usize;
+    let image = Image { pixels: px.as_mut_slice(), width: info.width, pitch, height: info.height, format };
+    decoder.decompress(bytes, image).map_err(corrupt)?;
+    // Frees libjpeg's buffers (a progressive image's coefficients) before the conversion.
+    drop(decoder);
+    if !cmyk {
+        return RgbImage::from_raw(w, h, px).context("internal error: RGB buffer size");
+    }
+    let mut rgb = try_with_capacity(rgb_bytes(w, h) as usize).map_err(|e| oom(name, w, h, e))?;
+    rgb.extend(px.chunks_exact(4).flat_map(|p| cmyk_to_rgb([255 - p[0], 255 - p[1], 255 - p[2], 255 - p[3]])));
     RgbImage::from_raw(w, h, rgb).context("internal error: RGB buffer size")
 }
 

@@ -1,7 +1,11 @@
 //! `asagi-gguf synth`: a random-weight Hugging Face Asagi checkpoint with the real shapes, config, tokenizer files
 //! and preprocessor config, which `convert` accepts like a real one. For benchmarks and `demo`: values do not
 //! change speed. Written streaming (bf16 safetensors, sharded like the hub's), so it needs little memory.
+//! The values come from a counter-based generator specified bit for bit ([`init`]), which the Python reference
+//! reproduces: the `fullwidth` size is the fidelity fixture whose HF goldens are committed
+//! (tests/fixtures/golden/fullwidth, tests/fullwidth_parity.rs).
 
+mod init;
 mod safetensors_out;
 mod tokenizer;
 
@@ -10,6 +14,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+pub use init::TensorInit;
 pub use safetensors_out::ShardedWriter;
 
 /// Shapes of one Asagi size. The language models are llm-jp-3's (`text_config`), the vision tower is SigLIP
@@ -77,6 +82,9 @@ pub const SIZES: &[Size] = &[
         image_size: 56,
         max_positions: 1024,
     },
+    // The fidelity fixture: Asagi-2B's widths and vocabulary (head 128, ids above 65535) and the full SigLIP
+    // so400m tower at 384 px, but 2 LM layers and 3 vision layers (feature layer -2 uses 2): ~0.9 GB bf16.
+    Size { n_layer: 2, v_layers: 3, ..asagi("fullwidth", 2048, 24, 16, 7168, 2048) },
 ];
 
 /// The size called `name`.
@@ -86,53 +94,53 @@ pub fn size(name: &str) -> Result<Size> {
     })
 }
 
-/// The tensors of a checkpoint of size `s`: HF name, PyTorch shape, and whether it is a norm weight (ones).
-pub fn tensors(s: &Size) -> Vec<(String, Vec<usize>, bool)> {
-    let mut t: Vec<(String, Vec<usize>, bool)> = Vec::new();
+/// The tensors of a checkpoint of size `s`: HF name and PyTorch shape.
+pub fn tensors(s: &Size) -> Vec<(String, Vec<usize>)> {
+    let mut t: Vec<(String, Vec<usize>)> = Vec::new();
     let (h, vh) = (s.hidden, s.v_hidden);
-    let mut add = |name: String, shape: Vec<usize>, ones: bool| t.push((name, shape, ones));
+    let mut add = |name: String, shape: Vec<usize>| t.push((name, shape));
     let v = "vision_tower.vision_model.";
-    add(format!("{v}embeddings.patch_embedding.weight"), vec![vh, 3, 14, 14], false);
-    add(format!("{v}embeddings.patch_embedding.bias"), vec![vh], false);
-    add(format!("{v}embeddings.position_embedding.weight"), vec![(s.image_size / 14).pow(2), vh], false);
+    add(format!("{v}embeddings.patch_embedding.weight"), vec![vh, 3, 14, 14]);
+    add(format!("{v}embeddings.patch_embedding.bias"), vec![vh]);
+    add(format!("{v}embeddings.position_embedding.weight"), vec![(s.image_size / 14).pow(2), vh]);
     for i in 0..s.v_layers {
         let l = format!("{v}encoder.layers.{i}.");
         for ln in ["layer_norm1", "layer_norm2"] {
-            add(format!("{l}{ln}.weight"), vec![vh], true);
-            add(format!("{l}{ln}.bias"), vec![vh], false);
+            add(format!("{l}{ln}.weight"), vec![vh]);
+            add(format!("{l}{ln}.bias"), vec![vh]);
         }
         for p in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            add(format!("{l}self_attn.{p}.weight"), vec![vh, vh], false);
-            add(format!("{l}self_attn.{p}.bias"), vec![vh], false);
+            add(format!("{l}self_attn.{p}.weight"), vec![vh, vh]);
+            add(format!("{l}self_attn.{p}.bias"), vec![vh]);
         }
-        add(format!("{l}mlp.fc1.weight"), vec![s.v_ffn, vh], false);
-        add(format!("{l}mlp.fc1.bias"), vec![s.v_ffn], false);
-        add(format!("{l}mlp.fc2.weight"), vec![vh, s.v_ffn], false);
-        add(format!("{l}mlp.fc2.bias"), vec![vh], false);
+        add(format!("{l}mlp.fc1.weight"), vec![s.v_ffn, vh]);
+        add(format!("{l}mlp.fc1.bias"), vec![s.v_ffn]);
+        add(format!("{l}mlp.fc2.weight"), vec![vh, s.v_ffn]);
+        add(format!("{l}mlp.fc2.bias"), vec![vh]);
     }
     // Kept in the checkpoint (as in Asagi's), dropped by the converter.
-    add(format!("{v}post_layernorm.weight"), vec![vh], true);
-    add(format!("{v}post_layernorm.bias"), vec![vh], false);
-    add(format!("{v}head.probe"), vec![1, 1, vh], false);
-    add("multi_modal_projector.linear_1.weight".into(), vec![s.projector, vh], false);
-    add("multi_modal_projector.linear_1.bias".into(), vec![s.projector], false);
-    add("multi_modal_projector.linear_2.weight".into(), vec![h, s.projector], false);
-    add("multi_modal_projector.linear_2.bias".into(), vec![h], false);
+    add(format!("{v}post_layernorm.weight"), vec![vh]);
+    add(format!("{v}post_layernorm.bias"), vec![vh]);
+    add(format!("{v}head.probe"), vec![1, 1, vh]);
+    add("multi_modal_projector.linear_1.weight".into(), vec![s.projector, vh]);
+    add("multi_modal_projector.linear_1.bias".into(), vec![s.projector]);
+    add("multi_modal_projector.linear_2.weight".into(), vec![h, s.projector]);
+    add("multi_modal_projector.linear_2.bias".into(), vec![h]);
     let m = "language_model.model.";
-    add(format!("{m}embed_tokens.weight"), vec![s.vocab_rows, h], false);
+    add(format!("{m}embed_tokens.weight"), vec![s.vocab_rows, h]);
     for i in 0..s.n_layer {
         let l = format!("{m}layers.{i}.");
-        add(format!("{l}input_layernorm.weight"), vec![h], true);
+        add(format!("{l}input_layernorm.weight"), vec![h]);
         for p in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            add(format!("{l}self_attn.{p}.weight"), vec![h, h], false);
+            add(format!("{l}self_attn.{p}.weight"), vec![h, h]);
         }
-        add(format!("{l}post_attention_layernorm.weight"), vec![h], true);
-        add(format!("{l}mlp.gate_proj.weight"), vec![s.ffn, h], false);
-        add(format!("{l}mlp.up_proj.weight"), vec![s.ffn, h], false);
-        add(format!("{l}mlp.down_proj.weight"), vec![h, s.ffn], false);
+        add(format!("{l}post_attention_layernorm.weight"), vec![h]);
+        add(format!("{l}mlp.gate_proj.weight"), vec![s.ffn, h]);
+        add(format!("{l}mlp.up_proj.weight"), vec![s.ffn, h]);
+        add(format!("{l}mlp.down_proj.weight"), vec![h, s.ffn]);
     }
-    add(format!("{m}norm.weight"), vec![h], true);
-    add("language_model.lm_head.weight".into(), vec![s.vocab_rows, h], false);
+    add(format!("{m}norm.weight"), vec![h]);
+    add("language_model.lm_head.weight".into(), vec![s.vocab_rows, h]);
     t
 }
 
@@ -190,42 +198,15 @@ pub fn write(s: &Size, out: &Path, seed: u64, force: bool) -> Result<u64> {
 
     let all = tensors(s);
     let mut w = ShardedWriter::new(out, 4 << 30);
-    for (name, shape, _) in &all {
+    for (name, shape) in &all {
         w.plan(name, shape);
     }
-    let ones: std::collections::HashSet<&str> = all.iter().filter(|t| t.2).map(|t| t.0.as_str()).collect();
-    let mut rng = Rng(seed | 1);
-    // Small uniform values, like an initialised model; norms are ones.
-    w.write_all(|name, out: &mut [u16]| {
-        if ones.contains(name) {
-            out.fill(half::bf16::ONE.to_bits());
-        } else {
-            for v in out.iter_mut() {
-                *v = rng.bf16(0.03);
-            }
-        }
-    })
+    let init: std::collections::HashMap<&str, TensorInit> =
+        all.iter().map(|(name, shape)| (name.as_str(), TensorInit::new(name, shape, s.tokenizer_len, seed))).collect();
+    w.write_all(|name, start, out: &mut [u16]| init[name].fill(start, out))
 }
 
 fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
     let p = dir.join(name);
     std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n").with_context(|| format!("cannot write {}", p.display()))
-}
-
-/// xorshift64*: fast, portable, good enough for random weights.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A bf16 uniform in [-a, a).
-    fn bf16(&mut self, a: f32) -> u16 {
-        let u = f32::from_bits(0x3f80_0000 | (self.next() >> 41) as u32) - 1.0; // [0, 1)
-        half::bf16::from_f32((u * 2.0 - 1.0) * a).to_bits()
-    }
 }

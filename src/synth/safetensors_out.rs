@@ -43,8 +43,9 @@ impl ShardedWriter {
         }
     }
 
-    /// Writes every shard, asking `fill(name, values)` for the bf16 bits of each tensor, chunk by chunk.
-    pub fn write_all(&self, mut fill: impl FnMut(&str, &mut [u16])) -> Result<u64> {
+    /// Writes every shard, asking `fill(name, start, values)` for the bf16 bits of elements `start..` of each
+    /// tensor (row-major), chunk by chunk.
+    pub fn write_all(&self, mut fill: impl FnMut(&str, usize, &mut [u16])) -> Result<u64> {
         let mut total = 0u64;
         let mut weight_map = Map::new();
         for (i, tensors) in self.shards.iter().enumerate() {
@@ -71,15 +72,16 @@ impl ShardedWriter {
             let mut buf = vec![0u16; CHUNK];
             let mut bytes = vec![0u8; CHUNK * 2];
             for (t, shape) in tensors {
-                let mut left = shape.iter().product::<usize>();
-                while left > 0 {
-                    let n = left.min(CHUNK);
-                    fill(t, &mut buf[..n]);
+                let len = shape.iter().product::<usize>();
+                let mut start = 0;
+                while start < len {
+                    let n = (len - start).min(CHUNK);
+                    fill(t, start, &mut buf[..n]);
                     for (b, v) in bytes.chunks_exact_mut(2).zip(&buf[..n]) {
                         b.copy_from_slice(&v.to_le_bytes());
                     }
                     out.write_all(&bytes[..n * 2])?;
-                    left -= n;
+                    start += n;
                 }
             }
             out.flush().with_context(|| format!("cannot write {}", path.display()))?;

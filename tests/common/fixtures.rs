@@ -17,7 +17,22 @@ pub const IMAGES: &[&str] = &[
     "palette_50x40.png",
     "rgb_56x56.png",
     "rgb_200x120.png",
+    // JPEG variants (libjpeg-turbo, bit-exact with Pillow's decode).
+    "jpeg_420_97x61.jpg",
+    "jpeg_422_83x57.jpg",
+    "jpeg_444_71x49.jpg",
+    "jpeg_prog_99x67.jpg",
+    "jpeg_gray_65x43.jpg",
+    "jpeg_cmyk_59x41.jpg",
+    "jpeg_ycck_59x41.jpg",
+    "jpeg_exif6_61x83.jpg",
+    "jpeg_restart_90x70.jpg",
+    "jpeg_q30_113x77.jpg",
+    "jpeg_420_640x480.jpg",
 ];
+
+/// The photo of the full-width fixture (tests/fullwidth_parity.rs), resized to SigLIP's 384 px.
+pub const FULLWIDTH_IMAGE: &str = "photo_512x341.png";
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

@@ -37,6 +37,7 @@ torch.set_num_threads(1)
 torch.use_deterministic_algorithms(True)
 
 import PIL
+import PIL.features
 import safetensors
 import sentencepiece as spm
 import tokenizers
@@ -184,6 +185,28 @@ IMAGES = {
     "palette_50x40.png": "palette (mode P, 16 colours) PNG 50x40",
     "rgb_56x56.png": "RGB PNG 56x56: exactly the 56x56 target (resize is a no-op there)",
     "rgb_200x120.png": "RGB PNG 200x120: strong antialiased downscale",
+    # JPEG variants (make_jpeg_images): photo-like content (smooth gradients + hard-edged saturated shapes + mild
+    # noise), sizes not multiples of 8/16 (partial MCUs at the right and bottom edges). Goldens = Pillow's
+    # (bundled libjpeg-turbo) Image.open(f).convert("RGB"): ISLOW IDCT, fancy upsampling, no EXIF rotation.
+    "jpeg_420_97x61.jpg": "JPEG baseline q90 4:2:0 (Y 2x2, Cb/Cr 1x1), 97x61",
+    "jpeg_422_83x57.jpg": "JPEG baseline q90 4:2:2 (Y 2x1, Cb/Cr 1x1), 83x57",
+    "jpeg_444_71x49.jpg": "JPEG baseline q90 4:4:4 (all 1x1), 71x49",
+    "jpeg_prog_99x67.jpg": "JPEG progressive q90 4:2:0 (SOF2, Huffman-optimized), 99x67",
+    "jpeg_gray_65x43.jpg": "JPEG grayscale (1 component, mode L) q90, 65x43",
+    "jpeg_cmyk_59x41.jpg": "JPEG CMYK (4 components ids C/M/Y/K, all 1x1) q90 as Pillow writes it: Adobe APP14 "
+                           "transform 0 (no colour transform), samples stored inverted (Adobe polarity); Pillow mode "
+                           "CMYK (rawmode CMYK;I), convert('RGB') = (255-C)(255-K)/255 (MULDIV255)",
+    "jpeg_ycck_59x41.jpg": "JPEG YCCK (Adobe APP14 transform 2, component ids 1..4, all 1x1) q90: Pillow cannot "
+                           "encode YCCK, so this is a Pillow CMYK JPEG of precomputed Y/Cb/Cr/K planes with the APP14 "
+                           "transform byte set to 2 and the SOF/SOS component ids set to 1..4 (see "
+                           "make_jpeg_images); libjpeg decodes YCCK->CMYK, Pillow mode CMYK",
+    "jpeg_exif6_61x83.jpg": "JPEG baseline q90 4:2:0 61x83 with EXIF orientation 6 (APP1); golden = the stored "
+                            "(unrotated) pixels: Image.open + convert('RGB') ignores the orientation",
+    "jpeg_restart_90x70.jpg": "JPEG baseline q90 4:2:0 90x70 with restart markers every 4 MCUs (DRI 4; 6x5 MCUs, "
+                              "intervals not aligned to MCU rows)",
+    "jpeg_q30_113x77.jpg": "JPEG baseline q30 4:2:0 113x77: strong artifacts, saturated colours next to black/white "
+                           "(YCbCr->RGB clips)",
+    "jpeg_420_640x480.jpg": "JPEG baseline q85 4:2:0 640x480, larger photo-like image",
 }
 
 TEXT_HIDDEN = 256
@@ -518,7 +541,136 @@ def make_images():
     a = np.stack([((xx // 2 + yy // 2) % 2) * 255, (xx * 255) // (w - 1), (yy * 255) // (h - 1)], -1)
     a = np.clip(a + rng.normal(0, 4, a.shape), 0, 255).astype(np.uint8)
     out["rgb_200x120.png"] = png(Image.fromarray(a, "RGB"))
+    out.update(make_jpeg_images())
     assert set(out) == set(IMAGES)
+    return out
+
+
+def photo_like(w, h, seed, noise=3.0):
+    """Deterministic photo-like RGB uint8 [h,w,3]: smooth vertical gradient with a wavy horizon, soft colour blobs,
+    hard-edged saturated shapes (some next to black/white, so chroma and clipping matter) and mild noise."""
+    prng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    x = xx / max(w - 1, 1)
+    y = yy / max(h - 1, 1)
+    t = np.clip(y + 0.06 * np.sin(2 * np.pi * (1.3 * x + prng.uniform())), 0, 1)[..., None]
+    top = np.array([90.0, 150.0, 230.0])
+    bottom = np.array([70.0, 130.0, 60.0])
+    a = top * (1 - t) + bottom * t
+    for _ in range(4):
+        cx, cy = prng.uniform(0, 1, 2)
+        s = prng.uniform(0.1, 0.3)
+        col = prng.uniform(-70, 70, 3)
+        a = a + col * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))[..., None]
+    img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+
+    def pt(px, py):
+        return (int(round(px * (w - 1))), int(round(py * (h - 1))))
+
+    lw = max(1, min(w, h) // 30)
+    d.rectangle([pt(0.05, 0.08), pt(0.30, 0.40)], fill=(245, 245, 240))  # white card with a red disk on it
+    d.ellipse([pt(0.10, 0.13), pt(0.25, 0.35)], fill=(225, 25, 30), outline=(0, 0, 0), width=lw)
+    d.polygon([pt(0.55, 0.15), pt(0.90, 0.30), pt(0.62, 0.55)], fill=(250, 215, 20))
+    d.rectangle([pt(0.40, 0.62), pt(0.75, 0.92)], fill=(20, 40, 200), outline=(250, 250, 250), width=lw)
+    d.ellipse([pt(0.78, 0.60), pt(0.97, 0.85)], fill=(200, 30, 200))
+    d.line([pt(0.0, 0.97), pt(1.0, 0.45)], fill=(10, 10, 10), width=lw)
+    d.line([pt(0.02, 0.5), pt(0.35, 0.95)], fill=(30, 220, 240), width=max(1, lw // 2))
+    a = np.asarray(img, dtype=np.float64) + prng.normal(0, noise, (h, w, 3))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def jpeg_bytes(img, **kw):
+    b = io.BytesIO()
+    img.save(b, format="JPEG", **kw)
+    return b.getvalue()
+
+
+def jpeg_segments(data):
+    """[(marker, offset of the marker's 0xFF, payload start, payload end)] up to and including the first SOS."""
+    assert data[:2] == b"\xff\xd8"
+    segs, i = [], 2
+    while True:
+        assert data[i] == 0xFF, i
+        m = data[i + 1]
+        n = (data[i + 2] << 8) | data[i + 3]
+        segs.append((m, i, i + 4, i + 2 + n))
+        if m == 0xDA:
+            return segs
+        i += 2 + n
+
+
+def cmyk_to_ycck_planes(cmyk):
+    """The planes to give Pillow's CMYK encoder so that a YCCK decoder (libjpeg: C = 255 - R(Y,Cb,Cr), K as
+    stored; then Pillow's CMYK;I inversion) returns ~cmyk: Pillow stores 255 - X, so X = (255 - Y, 255 - Cb,
+    255 - Cr, K) where (Y, Cb, Cr) = JFIF RGB->YCbCr of (C, M, Y)."""
+    c = cmyk[..., :3].astype(np.float64)
+    yv = 0.299 * c[..., 0] + 0.587 * c[..., 1] + 0.114 * c[..., 2]
+    cb = -0.168735892 * c[..., 0] - 0.331264108 * c[..., 1] + 0.5 * c[..., 2] + 128
+    cr = 0.5 * c[..., 0] - 0.418687589 * c[..., 1] - 0.081312411 * c[..., 2] + 128
+    ycc = np.clip(np.rint(np.stack([yv, cb, cr], -1)), 0, 255).astype(np.uint8)
+    return np.concatenate([255 - ycc, cmyk[..., 3:]], -1)
+
+
+def pillow_cmyk_to_ycck(data):
+    """Pillow CMYK JPEG bytes -> the same file marked as YCCK: Adobe APP14 transform 0 -> 2 and the baseline
+    SOF0/SOS component ids 'C','M','Y','K' -> 1..4 (libjpeg's YCCK ids; the ids do not affect decoding)."""
+    b = bytearray(data)
+    segs = jpeg_segments(data)
+    ids = {ord("C"): 1, ord("M"): 2, ord("Y"): 3, ord("K"): 4}
+    done = set()
+    for m, _, p, _ in segs:
+        if m == 0xEE and b[p:p + 5] == b"Adobe":
+            assert b[p + 11] == 0
+            b[p + 11] = 2
+            done.add("app14")
+        elif m == 0xC0:
+            assert b[p + 5] == 4
+            for k in range(4):
+                b[p + 6 + 3 * k] = ids[b[p + 6 + 3 * k]]
+            done.add("sof")
+        elif m == 0xDA:
+            assert b[p] == 4
+            for k in range(4):
+                b[p + 1 + 2 * k] = ids[b[p + 1 + 2 * k]]
+            done.add("sos")
+    assert done == {"app14", "sof", "sos"}, done
+    return bytes(b)
+
+
+def naive_cmyk(rgb):
+    """RGB uint8 -> a CMYK uint8 image with partial black generation (K = 0.6 * (255 - max))."""
+    f = rgb.astype(np.float64)
+    k = 0.6 * (255 - f.max(-1, keepdims=True))
+    cmy = np.clip(255 - f - k, 0, 255)
+    return np.clip(np.rint(np.concatenate([cmy, k], -1)), 0, 255).astype(np.uint8)
+
+
+def make_jpeg_images():
+    """The JPEG variants (see IMAGES), each from its own seed; Pillow's encoder (bundled libjpeg-turbo),
+    optimize=False except where progressive forces optimized Huffman tables."""
+    out = {}
+    rgb = lambda w, h, seed, **kw: Image.fromarray(photo_like(w, h, seed, **kw), "RGB")  # noqa: E731
+    out["jpeg_420_97x61.jpg"] = jpeg_bytes(rgb(97, 61, 101), quality=90, subsampling=2, optimize=False)
+    out["jpeg_422_83x57.jpg"] = jpeg_bytes(rgb(83, 57, 102), quality=90, subsampling=1, optimize=False)
+    out["jpeg_444_71x49.jpg"] = jpeg_bytes(rgb(71, 49, 103), quality=90, subsampling=0, optimize=False)
+    out["jpeg_prog_99x67.jpg"] = jpeg_bytes(rgb(99, 67, 104), quality=90, subsampling=2, progressive=True)
+    # grayscale: no subsampling argument (Pillow's subsampling=2 would set the single component to 2x2)
+    out["jpeg_gray_65x43.jpg"] = jpeg_bytes(rgb(65, 43, 105).convert("L"), quality=90, optimize=False)
+    out["jpeg_cmyk_59x41.jpg"] = jpeg_bytes(Image.fromarray(naive_cmyk(photo_like(59, 41, 106)), "CMYK"),
+                                            quality=90, optimize=False)
+    planes = cmyk_to_ycck_planes(naive_cmyk(photo_like(59, 41, 107)))
+    out["jpeg_ycck_59x41.jpg"] = pillow_cmyk_to_ycck(
+        jpeg_bytes(Image.fromarray(planes, "CMYK"), quality=90, optimize=False))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out["jpeg_exif6_61x83.jpg"] = jpeg_bytes(rgb(61, 83, 108), quality=90, subsampling=2, optimize=False,
+                                             exif=exif.tobytes())
+    out["jpeg_restart_90x70.jpg"] = jpeg_bytes(rgb(90, 70, 109), quality=90, subsampling=2, optimize=False,
+                                               restart_marker_blocks=4)
+    out["jpeg_q30_113x77.jpg"] = jpeg_bytes(rgb(113, 77, 110), quality=30, subsampling=2, optimize=False)
+    out["jpeg_420_640x480.jpg"] = jpeg_bytes(rgb(640, 480, 111, noise=2.0), quality=85, subsampling=2,
+                                             optimize=False)
     return out
 
 
@@ -540,6 +692,25 @@ def to_rgb(img):
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def jpeg_info(img, data):
+    """What a decoder has to honour in a JPEG fixture (informational; the pixels are in golden/images)."""
+    info = {"frame": None, "components": None, "adobe_transform": None, "restart_interval": None,
+            "exif_orientation": img.getexif().get(0x0112)}
+    for m, _, p, e in jpeg_segments(data):
+        if m in (0xC0, 0xC1, 0xC2):
+            info["frame"] = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}[m]
+            info["components"] = [[data[p + 6 + 3 * k], data[p + 7 + 3 * k] >> 4, data[p + 7 + 3 * k] & 15]
+                                  for k in range(data[p + 5])]
+        elif m == 0xEE and data[p:p + 5] == b"Adobe":
+            info["adobe_transform"] = data[p + 11]
+        elif m == 0xDD:
+            info["restart_interval"] = (data[p] << 8) | data[p + 1]
+    if img.mode == "CMYK":
+        # the CMYK values as Pillow holds them (after libjpeg's YCCK->CMYK, if any, and Pillow's CMYK;I inversion)
+        info["cmyk_first_pixels"] = [list(img.getpixel((0, 0))), list(img.getpixel((1, 0)))]
+    return info
+
+
 def preprocess_goldens(images_dir, sizes):
     """-> (json record, {relpath: (array, description)})."""
     arrays = {}
@@ -552,6 +723,8 @@ def preprocess_goldens(images_dir, sizes):
             f"decoded {name} after PIL convert('RGB'), [H,W,3] uint8 values stored as int32")
         rec["images"][name] = {"mode": img.mode, "width": img.width, "height": img.height,
                                "description": IMAGES[name]}
+        if img.format == "JPEG":
+            rec["images"][name]["jpeg"] = jpeg_info(img, (Path(images_dir) / name).read_bytes())
     for size in sizes:
         proc = image_processor(size)
         srec = {}
@@ -1112,6 +1285,7 @@ def versions():
         "tokenizers": tokenizers.__version__,
         "sentencepiece": spm.__version__,
         "pillow": PIL.__version__,
+        "libjpeg_turbo": PIL.features.version("libjpeg_turbo"),
         "numpy": np.__version__,
         "safetensors": safetensors.__version__,
     }
@@ -1222,7 +1396,9 @@ def main(argv=None):
         w.npy(rel, a, d)
     w.json("golden/preprocess.json", prec,
            "per image: mode and size; per target size: what stock SiglipImageProcessor does with the original "
-           "PIL image (ok or the exception), and whether the reference converted it to RGB first")
+           "PIL image (ok or the exception), and whether the reference converted it to RGB first; for JPEGs the "
+           "marker facts a decoder must honour (frame, components [id,h,v], Adobe transform, restart interval, "
+           "EXIF orientation; CMYK values of the first two pixels as Pillow holds them)")
 
     # 3. models
     seeds = json.loads(args.seeds.read_text()) if args.seeds else {}
