@@ -90,3 +90,53 @@ fn a_stopped_answer_is_marked_and_the_conversation_continues() {
         assert_eq!(b.n_past, conv.n_past() - next.len() - 8);
     }
 }
+
+/// A long conversation driven to the edge of a small context with beam search: every turn is checked up front
+/// against the cells it may need (its prompt + num_beams x max_new_tokens: every beam step takes a cell per beam),
+/// so a turn that fits never fails half-way, the first that could overflow is refused with a message naming the
+/// beams and the limit, the conversation is left as it was, and a smaller answer still fits.
+#[test]
+fn a_long_chat_is_refused_up_front_at_the_edge_of_the_context() {
+    let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::F16);
+    let model = LlamaModel::load(&files.llm).unwrap();
+    let (tok, _) = Tokenizer::from_gguf(&files.llm).unwrap();
+    let backend = Backend::cpu(2).unwrap();
+    let n_ctx = 256;
+    let params = SessionParams { n_ctx, n_ubatch: 64, cache_type: Type::F16 };
+    let mut session = Session::new(&model, &[&backend], &params).unwrap();
+    let mut conv = Conversation::new(&mut session);
+    // eos_token_ids empty: every answer takes its full length, so the turns march towards the edge.
+    let beams = GenerationConfig { max_new_tokens: Some(8), num_beams: 3, eos_token_ids: vec![], ..Default::default() };
+    let no_stop = AtomicBool::new(false);
+    let mut turns = 0;
+    let refusal = loop {
+        let ids = conv.turn_ids(&tok, "もう一度説明して", 0).unwrap();
+        let (before, history) = (conv.n_past(), conv.history().len());
+        let needed = before + ids.len() + beams.num_beams * 8;
+        match conv.ask(&ids, tok.image, &[], &beams, &no_stop, |_| Ok(())) {
+            Ok(a) => {
+                assert!(needed <= n_ctx, "turn {turns} needed {needed} cells of {n_ctx} and was accepted");
+                assert_eq!(a.answer.tokens.len(), 8);
+                turns += 1;
+            }
+            Err(e) => {
+                assert!(needed > n_ctx, "turn {turns} needed only {needed} cells of {n_ctx} but was refused: {e:#}");
+                assert_eq!((conv.n_past(), conv.history().len()), (before, history), "a refused turn changes nothing");
+                break format!("{e:#}");
+            }
+        }
+    };
+    assert!(turns >= 5, "only {turns} turns fit");
+    for part in ["3 beam(s) x -n 8", "exceed the context of 256 tokens", "/reset"] {
+        assert!(refusal.contains(part), "{part:?} missing from: {refusal}");
+    }
+    // Greedy needs a cell per token, not three: an answer that fills the context to its last cell is accepted.
+    let ids = conv.turn_ids(&tok, "もう一度説明して", 0).unwrap();
+    let room = n_ctx - conv.n_past() - ids.len();
+    if room > 0 {
+        let greedy = GenerationConfig { num_beams: 1, max_new_tokens: Some(room), ..beams.clone() };
+        let a = conv.ask(&ids, tok.image, &[], &greedy, &no_stop, |_| Ok(())).unwrap();
+        assert_eq!(a.answer.tokens.len(), room);
+        assert_eq!(conv.n_past(), n_ctx, "the context is full to its last cell");
+    }
+}
