@@ -48,8 +48,10 @@ fn errors(variant: &str, mm: MmprojType) -> (f64, f64) {
 #[test]
 fn float_mmproj_matches_hf() {
     for variant in fixtures::VARIANTS {
+        // Measured 6.9e-7 to 9.4e-7 over the 18 images (JPEG included: decoded as Pillow decodes them).
         let (f, p) = errors(variant, MmprojType::F32);
-        assert!(f <= 1e-4 && p <= 1e-4, "{variant} f32: features {f:.2e}, projected {p:.2e} (bound 1e-4)");
+        assert!(f <= 5e-6 && p <= 5e-6, "{variant} f32: features {f:.2e}, projected {p:.2e} (bound 5e-6)");
+        // Measured 4.2e-4 to 8.5e-4.
         let (f, p) = errors(variant, MmprojType::F16);
         assert!(f <= 2e-3 && p <= 2e-3, "{variant} f16: features {f:.2e}, projected {p:.2e} (bound 2e-3)");
     }
