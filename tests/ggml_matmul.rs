@@ -34,7 +34,9 @@ fn reference(w: &[f32], x: &[f32], k: usize, n: usize, m: usize) -> Vec<f64> {
 /// Relative RMS error bounds: (against the weights as rounded to the type, which isolates the kernel and the
 /// rounding of the activations to the type's dot-product partner; against the original f32 weights, which adds
 /// the type's own quantization error). About 2-3x the errors measured on uniform [-1, 1) inputs with k = 512:
-/// f16 2e-4/3e-4, bf16 1.5e-3/2e-3, q8_0 4e-3/6.5e-3, q4_0 4e-3/7e-2, q4_K 4e-3/5.3e-2.
+/// f16 2e-4/3e-4, bf16 1.5e-3/2e-3, q8_0 4e-3/6.5e-3, q4_0 4e-3/7e-2, q4_K 4e-3/5.3e-2; in three runs (m = 1
+/// and 33, max): q6_K 4.0e-3/1.4e-2, q5_K 4.1e-3/3.2e-2, q5_0 4.2e-3/3.5e-2, q5_1 4.6e-3/3.5e-2,
+/// iq4_nl 4.7e-3/7.9e-2 (the kernel errors are the activations' rounding to the partner type, Q8_0/Q8_K).
 fn bounds(ty: Type) -> (f64, f64) {
     match ty {
         Type::F32 => (1e-6, 1e-6),
@@ -46,15 +48,36 @@ fn bounds(ty: Type) -> (f64, f64) {
         Type::Q8_0 => (1e-2, 1.2e-2),
         Type::Q4_0 => (1e-2, 0.12),
         Type::Q4K => (1e-2, 0.08),
+        Type::Q6K => (1e-2, 0.03),
+        Type::Q5K => (1e-2, 0.06),
+        Type::Q5_0 => (1e-2, 0.07),
+        Type::Q5_1 => (1e-2, 0.07),
+        Type::IQ4NL => (1e-2, 0.15),
         _ => unreachable!(),
     }
 }
+
+/// Every type the converter writes (its mixes and their fallbacks, convert/src/quant.rs), and IQ4_NL, which ggml
+/// repacks.
+const TYPES: [Type; 11] = [
+    Type::F32,
+    Type::F16,
+    Type::BF16,
+    Type::Q8_0,
+    Type::Q6K,
+    Type::Q5K,
+    Type::Q5_0,
+    Type::Q5_1,
+    Type::Q4K,
+    Type::Q4_0,
+    Type::IQ4NL,
+];
 
 #[test]
 fn matmul_all_weight_types_match_f64_reference() {
     let (mut rng, seed) = common::rng();
     let (k, n) = (512, 48);
-    for ty in [Type::F32, Type::F16, Type::BF16, Type::Q8_0, Type::Q4_0, Type::Q4K] {
+    for ty in TYPES {
         // m = 1 takes ggml's matrix-vector path (decode); 33 its matrix-matrix path (prefill).
         for m in [1, 33] {
             let w = common::uniform(&mut rng, k * n);
@@ -63,6 +86,7 @@ fn matmul_all_weight_types_match_f64_reference() {
             let kernel_err = common::rel_rms(&y, &reference(&w_rounded, &x, k, n, m));
             let total_err = common::rel_rms(&y, &reference(&w, &x, k, n, m));
             let (kernel_bound, total_bound) = bounds(ty);
+            eprintln!("{ty} m={m}: kernel {kernel_err:.2e}, total {total_err:.2e}");
             assert!(
                 kernel_err <= kernel_bound && total_err <= total_bound,
                 "{ty} m={m}: rel. RMS error {kernel_err:.2e} vs rounded weights (bound {kernel_bound:.0e}), \
