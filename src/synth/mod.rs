@@ -203,7 +203,17 @@ pub fn write(s: &Size, out: &Path, seed: u64, force: bool) -> Result<u64> {
     }
     let init: std::collections::HashMap<&str, TensorInit> =
         all.iter().map(|(name, shape)| (name.as_str(), TensorInit::new(name, shape, s.tokenizer_len, seed))).collect();
-    w.write_all(|name, start, out: &mut [u16]| init[name].fill(start, out))
+    // Each element is a function of its index alone, so a chunk is filled by all cores at once.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    w.write_all(|name, start, out: &mut [u16]| {
+        let t = &init[name];
+        let per = out.len().div_ceil(threads).max(1 << 16);
+        std::thread::scope(|s| {
+            for (i, part) in out.chunks_mut(per).enumerate() {
+                s.spawn(move || t.fill(start + i * per, part));
+            }
+        });
+    })
 }
 
 fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
