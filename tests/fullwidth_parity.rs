@@ -190,10 +190,28 @@ fn fullwidth_checkpoint_matches_hf() {
         let hf = read(&format!("logits_{name}.npy"));
         let err = rel_err_rows(&logits, v, &at, &hf);
         eprintln!("{name} f32 ({pos} positions, {:.1} s): logits rows {at:?}: {err:.2e}", t.elapsed().as_secs_f64());
-        // Measured 1.4e-6 (img1: 829 positions, two micro-batches) and 7.8e-7 (text).
+        // Measured 1.5e-6 (img1: 829 positions, two micro-batches) and 1.0e-6 (text).
         assert!(err <= 5e-6, "{name} f32: logits error {err:.2e} > 5e-6");
         let top1: Vec<u32> = (0..pos as usize).map(|t| generate::argmax(&logits[t * v..(t + 1) * v]) as u32).collect();
-        assert_eq!(top1, u32s(&p["top1"]), "{name}: top-1 at every position");
+        // Top-1 at every position equals HF's, except at near-ties: HF's top-1 - top-2 below 1e-3 (a few hundred
+        // times our logit error; this random model has positions with margins of 1e-4).
+        let (hf_top1, margin) = (u32s(&p["top1"]), p["top1_margin"].as_array().unwrap());
+        assert_eq!(top1.len(), hf_top1.len());
+        let differ: Vec<usize> = (0..top1.len()).filter(|&t| top1[t] != hf_top1[t]).collect();
+        for &t in &differ {
+            let m = margin[t].as_f64().unwrap();
+            assert!(
+                m < 1e-3,
+                "{name}: top-1 at position {t} is {} where HF's is {} (margin {m:.2e})",
+                top1[t],
+                hf_top1[t]
+            );
+        }
+        eprintln!(
+            "{name}: top-1 equals HF's at {} of {} positions (the others are near-ties)",
+            top1.len() - differ.len(),
+            top1.len()
+        );
         let last = logits[logits.len() - v..].to_vec();
         drop(logits);
 
@@ -244,10 +262,10 @@ fn fullwidth_checkpoint_matches_hf() {
     // Quantized files (with the Q8_0 mmproj users take): top-1 agreement with HF at every position of both
     // prompts, mean KL(HF || ours) over the stored rows. Bounds: the values measured when this test was written
     // (printed), with a small margin.
-    // Measured (x86-64 AVX2): q8_0 0.948, KL 0.0011; q4_k_m 0.784, KL 0.0395. This random model has many
-    // near-ties (positions with a top-1 margin below 0.02 logit std are listed in goldens.json), so its agreement
-    // is lower than a trained model's would be.
-    for (ty, min_agree, max_kl) in [(LlmType::Q8_0, 0.93, 0.002), (LlmType::Q4KM, 0.75, 0.06)] {
+    // Measured (x86-64 AVX2): q8_0 0.961, KL 0.0010; q4_k_m 0.821, KL 0.0355. This random model has many
+    // near-ties (img1: 150 positions with a top-1 margin below 0.05 logit std, listed in goldens.json), so its
+    // agreement is lower than a trained model's would be.
+    for (ty, min_agree, max_kl) in [(LlmType::Q8_0, 0.94, 0.002), (LlmType::Q4KM, 0.79, 0.05)] {
         let t = Instant::now();
         let out = work.path().join(ty.name());
         std::fs::create_dir(&out).unwrap();

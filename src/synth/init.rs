@@ -88,7 +88,7 @@ impl TensorInit {
     pub fn fill(&self, start: usize, out: &mut [u16]) {
         let zero_from = self.zero_from_row.map_or(usize::MAX, |r| r.saturating_mul(self.cols));
         for (i, v) in (start..).zip(out.iter_mut()) {
-            *v = if i >= zero_from { 0 } else { half::bf16::from_f32(self.value(i)).to_bits() };
+            *v = if i >= zero_from { 0 } else { bf16_bits(self.value(i)) };
         }
     }
 
@@ -98,6 +98,14 @@ impl TensorInit {
         let u = ((z >> 40) as i32 - (1 << 23)) as f32 * (1.0 / (1u32 << 23) as f32);
         u * self.amp + self.offset
     }
+}
+
+/// bf16 round-to-nearest-even of a finite value (the generator makes no NaN), written out so that the test
+/// build (opt-level 0, where `half`'s conversion is a call per value) stays fast; `half::bf16::from_f32` gives the
+/// same bits (checked in the tests below).
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
 const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -141,6 +149,11 @@ mod tests {
         let mut out = [1u16; 48];
         head.fill(0, &mut out);
         assert!(out[..40].iter().any(|&v| v != 0) && out[40..].iter().all(|&v| v == 0));
+        // The hand-written bf16 rounding is half's.
+        for i in 0..100_000 {
+            let v = q.value(i) * 1e3;
+            assert_eq!(bf16_bits(v), half::bf16::from_f32(v).to_bits(), "{v}");
+        }
         // Values stay inside [offset - amp, offset + amp).
         for i in 0..1000 {
             let v = norm.value(i);
