@@ -19,6 +19,17 @@ use llama_cpp_2::mtmd::{
 };
 use llama_cpp_2::token::LlamaToken;
 
+/// llama.cpp's backend, initialised once per process (a second `init` fails while one is alive, and the tests
+/// run in parallel).
+fn backend() -> &'static LlamaBackend {
+    static BACKEND: std::sync::OnceLock<LlamaBackend> = std::sync::OnceLock::new();
+    BACKEND.get_or_init(|| {
+        let mut b = LlamaBackend::init().unwrap();
+        b.void_logs();
+        b
+    })
+}
+
 /// Greedy decoding with llama.cpp: the argmax at each step (first index on ties, as torch.argmax).
 fn llama_cpp_greedy(backend: &LlamaBackend, model: &LlamaModel, prompt: &[i64], n: usize) -> Vec<i64> {
     let params =
@@ -47,8 +58,7 @@ fn llama_cpp_greedy(backend: &LlamaBackend, model: &LlamaModel, prompt: &[i64], 
 
 #[test]
 fn llama_cpp_loads_converted_files_and_matches_hf_greedy() {
-    let mut backend = LlamaBackend::init().unwrap();
-    backend.void_logs();
+    let backend = backend();
     let image = fixtures::root().join("images/rgb_56x56.png");
     for variant in fixtures::VARIANTS {
         let dir = fixtures::model_dir(variant);
@@ -72,10 +82,10 @@ fn llama_cpp_loads_converted_files_and_matches_hf_greedy() {
             [(LlmType::F32, MmprojType::F16), (LlmType::Q4KM, MmprojType::Q8_0), (LlmType::Q8_0, MmprojType::Q4_0)]
         {
             let (llm, mmproj) = common::conversion::convert(&dir, out.path(), ty, mm).unwrap();
-            let model = LlamaModel::load_from_file(&backend, &llm, &LlamaModelParams::default())
+            let model = LlamaModel::load_from_file(backend, &llm, &LlamaModelParams::default())
                 .unwrap_or_else(|e| panic!("llama.cpp refused {variant} {}: {e}", ty.name()));
             if ty == LlmType::F32 {
-                let got = llama_cpp_greedy(&backend, &model, &prompt, want.len());
+                let got = llama_cpp_greedy(backend, &model, &prompt, want.len());
                 assert_eq!(got, want, "{variant}: llama.cpp greedy tokens on the F32 file differ from HF");
             }
 
@@ -111,8 +121,7 @@ fn mtmd_and_our_image_embeddings_agree_for_every_mmproj_type() {
     use asagi_gguf::preprocess::{preprocess_image, PreprocessConfig};
     use asagi_gguf::vision::{VisionEncoder, VisionModel};
 
-    let mut backend = LlamaBackend::init().unwrap();
-    backend.void_logs();
+    let backend = backend();
     let variant = "full-gqa-expand-f16";
     let dir = fixtures::model_dir(variant);
     let image_token = fixtures::goldens(variant)["image_token_id"].as_u64().unwrap() as u32;
@@ -125,7 +134,7 @@ fn mtmd_and_our_image_embeddings_agree_for_every_mmproj_type() {
         let (llm, mmproj) = common::conversion::convert(&dir, out.path(), LlmType::F32, mm).unwrap();
 
         // llama.cpp + mtmd.
-        let model = LlamaModel::load_from_file(&backend, &llm, &LlamaModelParams::default()).unwrap();
+        let model = LlamaModel::load_from_file(backend, &llm, &LlamaModelParams::default()).unwrap();
         let params = MtmdContextParams { use_gpu: false, print_timings: false, n_threads: 2, ..Default::default() };
         let mut mtmd = MtmdContext::init_from_file(mmproj.to_str().unwrap(), &model, &params)
             .unwrap_or_else(|e| panic!("mtmd refused mmproj {}: {e:?}", mm.name()));
@@ -138,7 +147,7 @@ fn mtmd_and_our_image_embeddings_agree_for_every_mmproj_type() {
         let chunks = mtmd.tokenize(text, &[&bitmap]).unwrap();
         let ctx_params =
             LlamaContextParams::default().with_n_ctx(NonZeroU32::new(256)).with_n_threads(2).with_n_threads_batch(2);
-        let mut ctx = model.new_context(&backend, ctx_params).unwrap();
+        let mut ctx = model.new_context(backend, ctx_params).unwrap();
         let n_past = chunks.eval_chunks(&mut mtmd, &mut ctx, 0, 0, 64, true).unwrap();
         let theirs = ctx.get_logits_ith(-1).to_vec();
 

@@ -67,9 +67,9 @@ pub struct ImageLimits {
 impl Default for ImageLimits {
     /// - `max_pixels`: [`MAX_IMAGE_PIXELS`], PIL's.
     /// - `max_bytes`: 1.25 GiB. A MAX_IMAGE_PIXELS RGB(A) 8-bit PNG peaks at about 0.63 GB (RGBA buffer + RGB
-    ///   copy), a 16-bit RGBA one at 0.98 GB, a baseline JPEG at 0.54 GB, a progressive JPEG of that size (its
-    ///   16-bit coefficients are kept for the whole decode) at about 1.1 GB: all accepted, as PIL accepts
-    ///   them. Thin strips whose resize needs a huge intermediate (1 x 10,000,000 to 384 x 384: 11.5 GB) are
+    ///   copy), a 16-bit RGBA one at 0.98 GB, a baseline JPEG at 0.27 GB (estimated), a progressive JPEG of
+    ///   that size (libjpeg keeps its 16-bit coefficients for the whole decode) at about 0.81 GB: all accepted,
+    ///   as PIL accepts them. Thin strips whose resize needs a huge intermediate (1 x 10,000,000 to 384 x 384: 11.5 GB) are
     ///   refused. A
     ///   9459 x 9459 photo to 384 x 384 peaks at 0.28 GB in the resize phase.
     /// - `max_resize_ops`: 2e9. A 9459 x 9459 photo (MAX_IMAGE_PIXELS) to 384 x 384 takes 1.11e9, 4000 x 3000
@@ -273,15 +273,18 @@ fn decode_jpeg(bytes: &[u8], name: &str, limits: &ImageLimits, resize_to: Option
     // libjpeg hands back the stored C, M, Y, K (YCCK converted to CMYK).
     let cmyk = matches!(info.colorspace, Colorspace::CMYK | Colorspace::YCCK);
     let (format, px_bytes) = if cmyk { (PixelFormat::CMYK, 4u64) } else { (PixelFormat::RGB, 3) };
-    // libjpeg's buffers: a baseline JPEG is decoded a row of MCUs at a time, a progressive one keeps the 16-bit
-    // coefficients of the whole image (bounded here as if no component were subsampled), plus our output and,
+    // libjpeg's buffers: a baseline JPEG is decoded a row of MCUs at a time (per component up to 3 MCU rows of
+    // 16 lines for the upsampler's context, at full width: an upper bound), a progressive one also keeps the
+    // 16-bit coefficients of the whole image (bounded as if no component were subsampled); plus our output and,
     // for CMYK, the RGB copy.
     let comps = if cmyk { 4 } else { 3 };
-    let padded = (w as u64).div_ceil(16) * 16 * ((h as u64).div_ceil(16) * 16);
+    let padded_w = (w as u64).div_ceil(16) * 16;
+    let padded = padded_w * ((h as u64).div_ceil(16) * 16);
+    let strips = comps * padded_w * 48;
     let coeffs = if info.is_progressive { 2 * comps * padded } else { 0 };
     let out = (w as u64).saturating_mul(h as u64).saturating_mul(px_bytes);
     let rgb_copy = if cmyk { rgb_bytes(w, h) } else { 0 };
-    let decode_bytes = (coeffs + out).max(out + rgb_copy);
+    let decode_bytes = (strips + coeffs + out).max(out + rgb_copy);
     check_header(name, &Header { width: w, height: h, decode_bytes }, limits, resize_to)?;
 
     decoder.set_scan_limit(MAX_JPEG_SCANS).map_err(corrupt)?;
