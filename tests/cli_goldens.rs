@@ -110,6 +110,17 @@ fn run_gives_hf_prompt_ids_and_generate_tokens() {
         stopped_at_eos += c.eos as usize;
     }
     assert!(stopped_at_eos >= 2, "some cases stop at </s> before the length limit");
+
+    // The answer's cells are counted per beam before anything runs: 5 beams x 60 tokens do not fit beside the
+    // prompt in 256 cells (greedy's 60 do), and the refusal says so.
+    let c = cases().into_iter().find(|c| c.name == "greedy_text").unwrap();
+    let base = ["run", "-t", "2", "-c", "256", "-n", "60", "--temp", "0", "-m"];
+    let out = common::asagi_gguf().args(base).arg(&llm).args(["--num-beams", "5", "-p", &c.question]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("5 beam(s) x -n 60") && err.contains("exceed the context of 256 tokens"), "{err}");
+    let out = common::asagi_gguf().args(base).arg(&llm).args(["--num-beams", "1", "-p", &c.question]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// `chat --json`: a first turn with the images, then a follow-up; the first answer is HF's, for greedy and for
