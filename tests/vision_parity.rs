@@ -51,9 +51,11 @@ fn float_mmproj_matches_hf() {
         // Measured 6.9e-7 to 9.4e-7 over the 18 images (JPEG included: decoded as Pillow decodes them).
         let (f, p) = errors(variant, MmprojType::F32);
         assert!(f <= 5e-6 && p <= 5e-6, "{variant} f32: features {f:.2e}, projected {p:.2e} (bound 5e-6)");
-        // Measured 4.2e-4 to 8.5e-4.
+        // Measured 4.2e-4 to 8.5e-4 on x86-64; with ARM's FP16 vector arithmetic (the Pi 5 build, where ggml's
+        // f16 dot products accumulate in f16 lanes; see ggml_matmul) up to 2.5e-3 under qemu cortex-a76.
+        let bound = if ggml::cpu_features().split(' ').any(|f| f == "FP16_VA") { 5e-3 } else { 2e-3 };
         let (f, p) = errors(variant, MmprojType::F16);
-        assert!(f <= 2e-3 && p <= 2e-3, "{variant} f16: features {f:.2e}, projected {p:.2e} (bound 2e-3)");
+        assert!(f <= bound && p <= bound, "{variant} f16: features {f:.2e}, projected {p:.2e} (bound {bound:.0e})");
     }
 }
 
