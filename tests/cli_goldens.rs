@@ -12,12 +12,6 @@ use std::process::Stdio;
 use common::{fixtures, server::run_json};
 use serde_json::Value;
 
-/// The question inside Asagi's template, as `run -p` takes it.
-fn question(prompt_text: &str, n_images: usize) -> String {
-    let body = prompt_text.split("### 指示:\n").nth(1).expect("template").split("\n\n### 応答:\n").next().unwrap();
-    body.strip_prefix(&"<image>\n".repeat(n_images)).expect("one <image> line per image").to_string()
-}
-
 /// HF's new tokens of the best sequence up to its EOS (rows that finished early are padded with `<pad>` after
 /// it), and whether it stopped there. The CLI's `tokens` leave the stop token out and say `stop_reason: eos`
 /// (../shared/spec/cli.md).
@@ -74,7 +68,7 @@ fn cases() -> Vec<Case> {
                 .collect();
             Case {
                 name: name.clone(),
-                question: question(prompt["text"].as_str().unwrap(), images.len()),
+                question: fixtures::template_question(prompt["text"].as_str().unwrap(), images.len()),
                 images,
                 flags: flags(&c["params"]),
                 prompt_ids: fixtures::ids(&c["prompt_ids"]),

@@ -59,13 +59,6 @@ fn rel_err_rows(ours: &[f32], width: usize, rows: &[usize], hf: &common::npy::Np
     err / scale
 }
 
-/// The question inside Asagi's template of a golden prompt with `n_images` `<image>` lines.
-fn question(prompt: &Value, n_images: usize) -> String {
-    let text = prompt["text"].as_str().unwrap();
-    let body = text.split("### 指示:\n").nth(1).unwrap().split("\n\n### 応答:\n").next().unwrap();
-    body.strip_prefix(&"<image>\n".repeat(n_images)).unwrap().to_string()
-}
-
 fn log_softmax(x: &[f64]) -> Vec<f64> {
     let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
@@ -180,7 +173,9 @@ fn fullwidth_checkpoint_matches_hf() {
     let cases = [("img1", 1, &["greedy_img1", "beam5_img1_rep1.5"][..]), ("text", 0, &["greedy_text"][..])];
     for (name, n_img, gen_cases) in cases {
         let p = &g["prompts"][name];
-        let ids = tok.encode(&asagi_prompt(&question(p, n_img), n_img), true).unwrap();
+        let ids = tok
+            .encode(&asagi_prompt(&fixtures::template_question(p["text"].as_str().unwrap(), n_img), n_img), true)
+            .unwrap();
         assert_eq!(ids, u32s(&p["input_ids"]), "{name}: our template + tokenizer vs HF's input_ids");
         let t = Instant::now();
         let imgs = if n_img > 0 { images } else { &[][..] };
@@ -247,7 +242,7 @@ fn fullwidth_checkpoint_matches_hf() {
     // The command users run: `run --json --greedy -p QUESTION --image PHOTO` gives HF's tokens.
     let t = Instant::now();
     let c = &g["generate"]["greedy_img1"];
-    let q = question(&g["prompts"]["img1"], 1);
+    let q = fixtures::template_question(g["prompts"]["img1"]["text"].as_str().unwrap(), 1);
     let args = ["--greedy", "--repeat-penalty", "1", "-n", "16", "-c", "1024", "-p", &q, "--image"];
     let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     args.push(image.display().to_string());

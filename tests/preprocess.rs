@@ -392,6 +392,20 @@ fn corrupt_and_missing_files_are_clear_errors() {
         let e = err_text(load_rgb(&p));
         assert!(e.contains(&format!("truncated_{name}")) && e.contains("corrupt"), "{e}");
     }
+    // A JPEG whose frame header claims 60000 x 60000 (3.6e9 pixels) is refused from the header, before libjpeg
+    // allocates anything; one with its entropy-coded data garbled is an error naming it (libjpeg's message).
+    let mut jpg = std::fs::read(image_path("jpeg_420_97x61.jpg")).unwrap();
+    let sof = jpg.windows(2).position(|w| w == [0xFF, 0xC0]).expect("baseline SOF0");
+    jpg[sof + 5..sof + 9].copy_from_slice(&[0xEA, 0x60, 0xEA, 0x60]);
+    let e = err_text(load_rgb(&write_tmp(dir.path(), "huge.jpg", &jpg)));
+    assert!(e.contains("huge.jpg") && e.contains("60000x60000") && e.contains("exceeds"), "{e}");
+    let mut jpg = std::fs::read(image_path("jpeg_420_97x61.jpg")).unwrap();
+    let n = jpg.len();
+    for b in &mut jpg[n / 2..n - 2] {
+        *b ^= 0x5a;
+    }
+    let e = err_text(load_rgb(&write_tmp(dir.path(), "garbled.jpg", &jpg)));
+    assert!(e.contains("garbled.jpg") && e.contains("corrupt"), "{e}");
     let mut bytes = std::fs::read(image_path("rgb_80x60.png")).unwrap();
     let n = bytes.len();
     for b in &mut bytes[60..n - 20] {

@@ -61,3 +61,10 @@ pub fn copy_model(variant: &str, dst: &std::path::Path) {
         std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
     }
 }
+
+/// The question inside Asagi's template (a golden prompt's text) with `n_images` `<image>` lines: what `run -p`
+/// takes.
+pub fn template_question(prompt_text: &str, n_images: usize) -> String {
+    let body = prompt_text.split("### 指示:\n").nth(1).expect("template").split("\n\n### 応答:\n").next().unwrap();
+    body.strip_prefix(&"<image>\n".repeat(n_images)).expect("one <image> line per image").to_string()
+}
