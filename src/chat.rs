@@ -6,8 +6,10 @@
 
 use std::sync::atomic::AtomicBool;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
+use crate::cache::items::Item;
+use crate::cache::kv_file::KvFile;
 use crate::generate::{self, Generated};
 use crate::llm::Session;
 use crate::multimodal;
@@ -51,6 +53,27 @@ impl<'s, 'm> Conversation<'s, 'm> {
     pub fn new(session: &'s mut Session<'m>) -> Self {
         session.cache.clear();
         Conversation { session, history: Vec::new(), pos: 0 }
+    }
+
+    /// Continues a saved conversation: its cells restored, its tokens the history (an image item stands for
+    /// `image_token`, as in HF's `input_ids`).
+    pub fn resume(&mut self, f: &KvFile, image_token: Option<u32>) -> Result<()> {
+        let history = f
+            .items
+            .iter()
+            .map(|i| match i {
+                Item::Token(t) => Ok(*t),
+                Item::Image(_) => image_token.context("the session has images but this model has no <image> token"),
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        self.session.cache.clear();
+        if let Err(e) = f.restore(&mut self.session.cache, 0, f.n_pos) {
+            self.session.cache.clear();
+            return Err(e);
+        }
+        self.history = history;
+        self.pos = f.n_pos as i32;
+        Ok(())
     }
 
     /// Forgets every turn.

@@ -9,8 +9,13 @@ use std::time::Instant;
 use anyhow::Result;
 use serde_json::json;
 
+use crate::cache::items::{items_of, Item};
+use crate::cache::kv_file::KvFile;
+use crate::cache::prompt as prompt_cache;
+use crate::cache::{CacheArgs, Caches};
 use crate::chat::{Conversation, Turn};
 use crate::load::{Loaded, ModelArgs};
+use crate::preprocess::{DecodedImage, ImageLimits};
 use crate::run_cmd::DecodingArgs;
 use crate::sampling::GenerationConfig;
 use crate::tokenizer::Tokenizer;
@@ -37,6 +42,12 @@ pub struct ChatArgs {
     /// One JSON object per answer on stdout (tokens, text, positions, timings) instead of the text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Session file: if it exists and was made by this model, the conversation it holds goes on (its cells
+    /// restored, nothing recomputed); after every answer the conversation is saved to it.
+    #[arg(long, value_name = "FILE")]
+    pub session: Option<PathBuf>,
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
@@ -47,8 +58,28 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let vmodel = loaded.vision(&model)?;
     let backends = loaded.backends();
     let mut session = loaded.session(&model, &backends)?;
+    let n_embd = model.hp.n_embd;
     let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
+    let on_disk = args.cache.image_cache.is_some() || args.session.is_some();
+    let (llm_id, mm_id) = if on_disk { loaded.identities()? } else { ([0; 32], None) };
+    let n_image_tokens = vmodel.as_ref().map_or(0, |v| v.hp.n_image_tokens());
+    let mut caches = Caches::open(&args.cache, llm_id, mm_id, &session, n_image_tokens)?;
     let mut conv = Conversation::new(&mut session);
+    // The identities of the conversation's images, in order (a saved session knows its images by them).
+    let mut hashes: Vec<[u8; 32]> = Vec::new();
+    if let Some(path) = args.session.as_ref().filter(|p| p.exists()) {
+        let resumed = KvFile::read(path, &caches.expect).and_then(|f| {
+            conv.resume(&f, tok.image)?;
+            Ok(f.items.iter().filter_map(|i| if let Item::Image(h) = i { Some(*h) } else { None }).collect())
+        });
+        match resumed {
+            Ok(h) => {
+                hashes = h;
+                eprintln!("(session {}: {} positions restored)", path.display(), conv.n_past());
+            }
+            Err(e) => eprintln!("warning: session {}: {e:#}; starting a new conversation", path.display()),
+        }
+    }
     for line in loaded.placement_summary() {
         eprintln!("{line}");
     }
@@ -70,14 +101,20 @@ pub fn run(args: ChatArgs) -> Result<()> {
             continue;
         }
         if let Some(cmd) = line.strip_prefix('/') {
-            match command(cmd, &mut conv, &mut pending, encoder.is_some()) {
+            let flow = command(cmd, &mut conv, &mut pending, encoder.is_some());
+            if conv.n_past() == 0 {
+                hashes.clear(); // after /reset
+            }
+            match flow {
                 Flow::Quit => break,
                 Flow::Next => continue,
             }
         }
-        // The images of this turn, encoded now (once: their embeddings stay in the cache afterwards).
+        // The images of this turn, from the cache or encoded now (once: their embeddings stay in the KV cache).
+        let mut cache_report = prompt_cache::Report::default();
         let t_img = Instant::now();
-        let images = match encode(encoder.as_mut(), &std::mem::take(&mut pending)) {
+        let paths = std::mem::take(&mut pending);
+        let images = match embed_all(encoder.as_mut(), &mut caches, &paths, n_embd, &mut cache_report) {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -85,10 +122,18 @@ pub fn run(args: ChatArgs) -> Result<()> {
             }
         };
         let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
-        match answer(&mut conv, tok, line, &images, &cfg, args.json) {
+        let (turn_hashes, embeddings): (Vec<[u8; 32]>, Vec<ImageEmbedding>) = images.into_iter().unzip();
+        match answer(&mut conv, tok, line, &embeddings, &cfg, args.json) {
             Ok((ids, turn)) => {
                 turn_no += 1;
-                report(tok, turn_no, &ids, &turn, image_ms, images.len(), args.json)?;
+                hashes.extend(turn_hashes);
+                report(tok, turn_no, &ids, &turn, image_ms, &cache_report, args.json)?;
+                if let Some(path) = &args.session {
+                    let items = items_of(conv.history(), tok.image, &hashes);
+                    if let Err(e) = prompt_cache::save_session(path, conv.session, &caches, &items, items.len(), &[]) {
+                        eprintln!("warning: {e:#}");
+                    }
+                }
             }
             Err(e) => eprintln!("error: {e:#}"),
         }
@@ -129,11 +174,24 @@ fn command(cmd: &str, conv: &mut Conversation<'_, '_>, pending: &mut Vec<PathBuf
     Flow::Next
 }
 
-/// Encodes the attached images (a spinner meanwhile).
-fn encode(encoder: Option<&mut VisionEncoder<'_>>, paths: &[PathBuf]) -> Result<Vec<ImageEmbedding>> {
+/// The embeddings of the attached images, from the cache or the encoder (a spinner meanwhile), with their
+/// identities.
+fn embed_all(
+    encoder: Option<&mut VisionEncoder<'_>>,
+    caches: &mut Caches,
+    paths: &[PathBuf],
+    n_embd: usize,
+    report: &mut prompt_cache::Report,
+) -> Result<Vec<([u8; 32], ImageEmbedding)>> {
     let Some(enc) = encoder else { return Ok(Vec::new()) };
     let spin = if paths.is_empty() { None } else { crate::progress::spinner("encoding images") };
-    let images = paths.iter().map(|p| enc.encode_file(p)).collect();
+    let images = paths
+        .iter()
+        .map(|p| {
+            let img = DecodedImage::open(p, &enc.model.hp.preprocess, &ImageLimits::default())?;
+            Ok((img.hash, prompt_cache::embed(caches, enc, n_embd, &img, report)?))
+        })
+        .collect();
     if let Some(s) = spin {
         s.finish_and_clear();
     }
@@ -177,9 +235,10 @@ fn report(
     ids: &[u32],
     turn: &Turn,
     image_ms: f64,
-    n_images: usize,
+    cache: &prompt_cache::Report,
     json: bool,
 ) -> Result<()> {
+    let n_images = cache.images;
     let a = &turn.answer;
     // Time to the first token: image encoding + the turn's prefill + one decode step's share.
     let step_ms = turn.gen_ms / a.tokens.len().max(1) as f64;
@@ -190,7 +249,10 @@ fn report(
             "turn": turn_no, "n_past": turn.n_past, "prompt_tokens": ids, "prompt_positions": turn.prompt_positions,
             "tokens": a.tokens, "text": tok.decode(&a.tokens, true)?, "stop_reason": a.stop_reason(),
             "timings": {"image_encode_ms": image_ms, "prompt_ms": turn.prompt_ms, "gen_ms": turn.gen_ms,
-                "ttft_ms": ttft_ms}
+                "ttft_ms": ttft_ms},
+            "cache": {"images": cache.images, "images_encoded": cache.images_encoded,
+                "image_cache_hits": cache.image_ram_hits + cache.image_disk_hits,
+                "kept_positions": turn.n_past, "prefill_positions": turn.prompt_positions},
         });
         writeln!(stdout, "{out}")?;
     } else {

@@ -94,5 +94,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         decoding: run_cmd::default_decoding(),
         json: false,
         dump_logits: None,
+        cache: Default::default(),
+        session: None,
     })
 }

@@ -7,10 +7,12 @@ pub use ggml;
 
 pub mod bench;
 pub mod bench_cmd;
+pub mod cache;
 pub mod chat;
 pub mod chat_cmd;
 pub mod convert_cmd;
 pub mod demo_cmd;
+pub mod encode_cmd;
 pub mod generate;
 pub mod info;
 pub mod interrupt;

@@ -175,6 +175,14 @@ impl Loaded {
         Session::new(model, backends, &SessionParams { n_ctx, cache_type: self.cache_type, ..Default::default() })
     }
 
+    /// The identities of the language model's file and the mmproj file (if opened): cache keys
+    /// (`cache::identity`).
+    pub fn identities(&self) -> Result<([u8; 32], Option<[u8; 32]>)> {
+        let llm = crate::cache::identity::file_identity(&self.llm)?;
+        let mmproj = self.mmproj.as_ref().map(|(f, _)| crate::cache::identity::file_identity(f)).transpose()?;
+        Ok((llm, mmproj))
+    }
+
     /// What was repacked, one line per file (for the load log).
     pub fn placement_summary(&self) -> Vec<String> {
         [(&self.llm, &self.llm_placed)]

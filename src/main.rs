@@ -25,6 +25,8 @@ enum Command {
     Chat(asagi_gguf::chat_cmd::ChatArgs),
     /// Convert a Hugging Face Asagi checkpoint to a language-model GGUF and an mmproj GGUF.
     Convert(asagi_gguf::convert_cmd::ConvertArgs),
+    /// Fill the image cache ahead of time: each image's embeddings and its prompt prefix's KV cells.
+    Encode(asagi_gguf::encode_cmd::EncodeArgs),
     /// The whole pipeline on a generated tiny checkpoint, no downloads: synth, convert, run with an image.
     Demo(asagi_gguf::demo_cmd::DemoArgs),
     /// Answer one question (with images) as the model card decodes: beam sample, 5 beams; flags override.
@@ -64,6 +66,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => asagi_gguf::bench_cmd::run(args)?,
         Command::Serve(args) => asagi_gguf::serve::run(args)?,
         Command::Demo(args) => asagi_gguf::demo_cmd::run(args)?,
+        Command::Encode(args) => asagi_gguf::encode_cmd::run(args)?,
         Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
         Command::Synth { size, out, seed, force } => {
             let t0 = std::time::Instant::now();

@@ -7,9 +7,13 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
+use crate::cache::items::Item;
+use crate::cache::kv_file::KvFile;
+use crate::cache::prompt as prompt_cache;
+use crate::cache::{CacheArgs, Caches};
 use crate::generate;
 use crate::load::{Loaded, ModelArgs};
-use crate::multimodal;
+use crate::preprocess::{DecodedImage, ImageLimits};
 use crate::sampling::GenerationConfig;
 use crate::vision::VisionEncoder;
 
@@ -46,6 +50,13 @@ pub struct RunArgs {
     /// Also write the logits at the last prompt position (float32 .npy, shape [n_vocab]).
     #[arg(long)]
     pub dump_logits: Option<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// Session file (llama.cpp's --prompt-cache): if it exists and was made by this model, the KV cells of the
+    /// prompt's longest common start with it are restored instead of computed (all of them, and the logits, for
+    /// the same prompt); afterwards the prompt and the answer are saved to it.
+    #[arg(long, value_name = "FILE")]
+    pub session: Option<PathBuf>,
 }
 
 /// Decoding flags. Defaults are the Asagi model card's: beam sample with 5 beams, temperature 0.7, repetition
@@ -136,6 +147,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     let vmodel = loaded.vision(&model)?;
     let backends = loaded.backends();
     let mut session = loaded.session(&model, &backends)?;
+    let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
+    // File identities key the disk caches; without them (nothing on disk) they are not computed.
+    let on_disk = args.cache.image_cache.is_some() || args.session.is_some();
+    let (llm_id, mm_id) = if on_disk { loaded.identities()? } else { ([0; 32], None) };
+    let n_image_tokens = vmodel.as_ref().map_or(0, |v| v.hp.n_image_tokens());
+    let mut caches = Caches::open(&args.cache, llm_id, mm_id, &session, n_image_tokens)?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let text = match (&args.prompt, &args.raw_prompt) {
@@ -144,24 +161,18 @@ pub fn run(args: RunArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires one"),
     };
     let prompt = tok.encode(&text, true)?;
-
-    // Images: encode each with the vision tower, then splice at the <image> tokens.
-    let t_img = Instant::now();
+    let t_dec = Instant::now();
     let images = match &vmodel {
+        Some(v) => args
+            .images
+            .iter()
+            .map(|p| DecodedImage::open(p, &v.hp.preprocess, &ImageLimits::default()))
+            .collect::<Result<Vec<_>>>()?,
         None => Vec::new(),
-        Some(v) => {
-            let mut enc = VisionEncoder::new(v, &backends)?;
-            let spin = crate::progress::spinner("encoding images");
-            let images = args.images.iter().map(|p| enc.encode_file(p)).collect::<Result<Vec<_>>>()?;
-            if let Some(s) = spin {
-                s.finish_and_clear();
-            }
-            images
-        }
     };
-    let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
-    let segs = multimodal::segments(&prompt, tok.image, &images)?;
-    let n_positions = prompt.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
+    let decode_ms = t_dec.elapsed().as_secs_f64() * 1e3;
+
+    let n_positions = prompt.len() + images.len() * n_image_tokens.saturating_sub(1);
     let n_ctx = session.cache.n_cells();
     let cfg = with_seed(args.decoding.config(args.n_predict, &tok.eog));
     // Each beam step takes a cell per beam: the answer may need num_beams x n cells.
@@ -172,22 +183,44 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.n_predict
         );
     }
+    let saved = match &args.session {
+        Some(p) if p.exists() => match KvFile::read(p, &caches.expect) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                eprintln!("warning: session {}: {e:#}; computing the prompt", p.display());
+                None
+            }
+        },
+        _ => None,
+    };
 
     let t_prompt = Instant::now();
-    session.set_progress(crate::progress::prompt_progress(n_positions));
-    let (logits, pos) = multimodal::prefill(&mut session, &segs, 0, false)?;
-    session.set_progress(None);
-    let prompt_ms = t_prompt.elapsed().as_secs_f64() * 1e3;
+    let pre = prompt_cache::prefill(
+        &mut session,
+        &mut caches,
+        encoder.as_mut(),
+        &prompt,
+        tok.image,
+        &images,
+        saved.as_ref(),
+        true,
+    )?;
+    drop(saved);
+    let ttft_base_ms = t_prompt.elapsed().as_secs_f64() * 1e3 + decode_ms;
+    let (report, pos) = (pre.report, pre.pos);
     if let Some(p) = &args.dump_logits {
-        write_npy(p, &logits).with_context(|| format!("cannot write {}", p.display()))?;
+        write_npy(p, &pre.logits).with_context(|| format!("cannot write {}", p.display()))?;
     }
+    let prompt_logits = args.session.as_ref().map(|_| pre.logits.clone());
 
     // Ctrl-C ends the generation (what was generated is printed), a second one the program.
     let stop = crate::interrupt::flag();
     let t_gen = Instant::now();
+    let mut first_token_ms = None;
     let mut stream = tok.stream(true);
     let mut stdout = std::io::stdout().lock();
-    let best = generate::generate(&mut session, &cfg, &prompt, logits, pos, stop, |id| {
+    let best = generate::generate(&mut session, &cfg, &prompt, pre.logits, pos, stop, |id| {
+        first_token_ms.get_or_insert_with(|| t_gen.elapsed().as_secs_f64() * 1e3);
         if !args.json {
             stdout.write_all(stream.push(id)?.as_bytes())?;
             stdout.flush()?;
@@ -204,13 +237,29 @@ pub fn run(args: RunArgs) -> Result<()> {
     let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
     let generated = best.tokens.clone();
     let n_decoded = generated.len().max(1);
+
+    if let (Some(path), Some(logits)) = (&args.session, &prompt_logits) {
+        let t = Instant::now();
+        if cfg.num_beams > 1 {
+            generate::keep_sequence(&mut session, pos, &generated)?;
+        }
+        let mut items = pre.items.clone();
+        items.extend(generated.iter().map(|&t| Item::Token(t)));
+        prompt_cache::save_session(path, &session, &caches, &items, pre.items.len(), logits)?;
+        eprintln!("session saved to {} in {:.0} ms", path.display(), t.elapsed().as_secs_f64() * 1e3);
+    }
+
+    let prompt_ms = report.prefill_ms;
+    let image_ms = report.image_ms + decode_ms;
     if args.json {
         let out = json!({
             "prompt_tokens": prompt, "tokens": generated, "text": tok.decode(&generated, true)?,
             "stop_reason": best.stop_reason(),
             "timings": {"load_ms": load_ms, "image_encode_ms": image_ms, "prompt_ms": prompt_ms,
-                "prompt_tokens_per_s": pos as f64 / (prompt_ms / 1e3),
-                "gen_tokens_per_s": n_decoded as f64 / (gen_ms / 1e3)}
+                "prompt_tokens_per_s": report.prefill_positions as f64 / (prompt_ms / 1e3),
+                "ttft_ms": ttft_base_ms + first_token_ms.unwrap_or(gen_ms),
+                "gen_tokens_per_s": n_decoded as f64 / (gen_ms / 1e3)},
+            "cache": report.to_json(),
         });
         writeln!(stdout, "{out}")?;
     } else {
@@ -221,11 +270,23 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     eprintln!("load time        = {load_ms:10.2} ms");
     if !images.is_empty() {
-        eprintln!("image encode     = {image_ms:10.2} ms / {:5} images", images.len());
+        eprintln!(
+            "image encode     = {image_ms:10.2} ms / {:5} images ({} encoded, {} from the cache)",
+            images.len(),
+            report.images_encoded,
+            report.image_ram_hits + report.image_disk_hits
+        );
+    }
+    if let Some(from) = report.restored_from {
+        eprintln!(
+            "restored         = {:10.2} ms / {:5} tokens from the {from}",
+            report.restore_ms, report.restored_positions
+        );
     }
     eprintln!(
-        "prompt eval time = {prompt_ms:10.2} ms / {pos:5} tokens ({:8.2} tokens per second)",
-        pos as f64 / (prompt_ms / 1e3)
+        "prompt eval time = {prompt_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second)",
+        report.prefill_positions,
+        report.prefill_positions as f64 / (prompt_ms / 1e3)
     );
     eprintln!(
         "eval time        = {gen_ms:10.2} ms / {:5} tokens ({:8.2} tokens per second{}){}",

@@ -183,6 +183,91 @@ impl KvCache {
         }
     }
 
+    /// Bytes of one cell's row in each K or V tensor.
+    pub fn row_bytes(&self) -> usize {
+        self.ctx.tensors()[0].nb()[1]
+    }
+
+    /// Number of K/V tensors (`2 * n_layer`: K of layer 0, V of layer 0, K of layer 1, ...).
+    pub fn n_tensors(&self) -> usize {
+        2 * self.n_layer
+    }
+
+    /// The cell of each position `0..n` of sequence `s`; an error if a position has no cell (or two).
+    fn cells_of(&self, s: usize, n: usize) -> Result<Vec<usize>> {
+        let mut at = vec![usize::MAX; n];
+        for (c, cell) in self.cells.iter().enumerate() {
+            if cell.seqs & (1 << s) != 0 && (cell.pos as usize) < n && cell.pos >= 0 {
+                if at[cell.pos as usize] != usize::MAX {
+                    bail!("position {} of sequence {s} is held twice", cell.pos);
+                }
+                at[cell.pos as usize] = c;
+            }
+        }
+        if let Some(p) = at.iter().position(|&c| c == usize::MAX) {
+            bail!("position {p} of sequence {s} is not in the cache");
+        }
+        Ok(at)
+    }
+
+    /// The rows of K/V tensor `t` (see `n_tensors`) for positions `0..n` of sequence `s`, in position order: what
+    /// a prefix or session file stores.
+    pub fn read_rows(&self, t: usize, s: usize, n: usize) -> Result<Vec<u8>> {
+        let at = self.cells_of(s, n)?;
+        let row = self.row_bytes();
+        let tensor = self.ctx.tensors()[t];
+        let top = at.iter().max().map_or(0, |&c| c + 1);
+        let raw = self.ctx.read_bytes(tensor, 0, top * row)?;
+        let mut out = Vec::with_capacity(n * row);
+        for &c in &at {
+            out.extend_from_slice(&raw[c * row..(c + 1) * row]);
+        }
+        Ok(out)
+    }
+
+    /// Sequence `s`, which must be empty, takes positions `0..n` with the rows `rows(t)` gives for each K/V tensor
+    /// `t` (`n` rows each, as `read_rows` returns them). The cells are claimed as a prefill of the same positions
+    /// would claim them, so what is computed after them runs on exactly the cache a fresh computation leaves.
+    pub fn write_rows<'r>(&mut self, s: usize, n: usize, rows: impl Fn(usize) -> &'r [u8]) -> Result<()> {
+        if self.seq_len(s) != 0 {
+            bail!("sequence {s} is not empty");
+        }
+        let row = self.row_bytes();
+        for t in 0..self.n_tensors() {
+            if rows(t).len() != n * row {
+                bail!("{} bytes of rows for tensor {t}, expected {n} x {row}", rows(t).len());
+            }
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let pos: Vec<i32> = (0..n as i32).collect();
+        let cells = self.claim(&pos, &vec![s; n])?;
+        let written = (|| {
+            // Zero what graphs will attend to first, so that `prepare` never wipes the rows written here.
+            self.prepare(self.n_kv())?;
+            let tensors = self.ctx.tensors();
+            for (t, tensor) in tensors.iter().enumerate() {
+                let src = rows(t);
+                // Consecutive cells (the usual case) are one copy.
+                let mut i = 0;
+                while i < n {
+                    let mut j = i + 1;
+                    while j < n && cells[j] == cells[j - 1] + 1 {
+                        j += 1;
+                    }
+                    self.ctx.write_bytes(*tensor, cells[i] * row, &src[i * row..j * row])?;
+                    i = j;
+                }
+            }
+            Ok(())
+        })();
+        if written.is_err() {
+            self.release(&cells);
+        }
+        written
+    }
+
     /// Cells no sequence holds.
     pub fn n_free(&self) -> usize {
         self.cells.iter().filter(|c| c.seqs == 0).count()

@@ -108,6 +108,32 @@ pub fn pixel_hash(img: &RgbImage) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// An image decoded and known by its identity ([`pixel_hash`]), not yet resized: a cache of its embeddings is
+/// looked up before the resize and the encoder are paid for.
+pub struct DecodedImage {
+    pub name: String,
+    pub img: RgbImage,
+    pub hash: [u8; 32],
+}
+
+impl DecodedImage {
+    /// Reads and decodes an image file within `limits` (checking the resize to `cfg.size` too).
+    pub fn open(path: &Path, cfg: &PreprocessConfig, limits: &ImageLimits) -> Result<DecodedImage> {
+        let name = path.display().to_string();
+        check_size(cfg).with_context(|| format!("{name}: cannot preprocess"))?;
+        let bytes = decode::read_file(path)?;
+        let s = cfg.size as u32;
+        let img = load_rgb_limited(&bytes, &name, limits, Some((s, s)))?;
+        let hash = pixel_hash(&img);
+        Ok(DecodedImage { name, img, hash })
+    }
+
+    /// HF's `pixel_values` of the image (`cfg` as given to `open`).
+    pub fn pixel_values(&self, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
+        resize_normalise(&self.img, &self.name, cfg)
+    }
+}
+
 /// Decode within `limits` (checking the resize to `cfg.size` too), resize, normalise; `cfg` already checked.
 fn preprocess_checked(
     bytes: &[u8],
@@ -117,11 +143,16 @@ fn preprocess_checked(
 ) -> Result<(RgbImage, Vec<f32>)> {
     let s = cfg.size as u32;
     let img = load_rgb_limited(bytes, name, limits, Some((s, s)))?;
-    let resized = try_resize_bicubic(&img, s, s).map_err(|e| {
+    let px = resize_normalise(&img, name, cfg)?;
+    Ok((img, px))
+}
+
+fn resize_normalise(img: &RgbImage, name: &str, cfg: &PreprocessConfig) -> Result<Vec<f32>> {
+    let s = cfg.size as u32;
+    let resized = try_resize_bicubic(img, s, s).map_err(|e| {
         anyhow::anyhow!("image {name}: out of memory resizing {}x{} to {s}x{s} ({e})", img.width(), img.height())
     })?;
-    let px = pixel_values(&resized, cfg);
-    Ok((img, px))
+    Ok(pixel_values(&resized, cfg))
 }
 
 /// A target size that fits a u32 and is not zero (an image side is a u32).

@@ -97,10 +97,31 @@ pub enum ImageUrl {
 
 // ---- What the engine runs --------------------------------------------------------------------------------------
 
-/// Where an image comes from: its bytes (a data URL), or a path to read under `--allow-paths`.
+/// Where an image comes from: its bytes (a data URL), a path to read under `--allow-paths`, or the id
+/// `POST /v1/images` returned for it (`img-` and the 64 hex digits of its identity).
 pub enum ImageSource {
     Data(Vec<u8>),
     Path(String),
+    Id([u8; 32]),
+}
+
+/// The body of `POST /v1/images`: `{"url": "..."}`, the same forms as an `image_url`'s url.
+pub fn parse_upload(bytes: &[u8]) -> Result<String, BadRequest> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Upload {
+        url: String,
+    }
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    match serde_path_to_error::deserialize::<_, Upload>(de) {
+        Ok(u) => Ok(u.url),
+        Err(e) => bad(format!("{}: {}", e.path(), e.inner())),
+    }
+}
+
+/// The id of an uploaded image, as `POST /v1/images` returns it and `image_url` takes it.
+pub fn image_id(hash: &[u8; 32]) -> String {
+    format!("img-{}", crate::cache::identity::hex(hash))
 }
 
 pub struct ImageIn {
@@ -365,8 +386,15 @@ fn message(i: usize, m: MessageIn, lim: &RequestLimits) -> Result<Option<Message
     }
 }
 
-/// A data URL (`data:image/png;base64,...`) or, with `--allow-paths`, a local path (`file://` optional).
-fn image_source(url: &str, at: &str, lim: &RequestLimits) -> Result<ImageSource, BadRequest> {
+/// A data URL (`data:image/png;base64,...`), an uploaded image's id (`img-...`) or, with `--allow-paths`, a local
+/// path (`file://` optional).
+pub fn image_source(url: &str, at: &str, lim: &RequestLimits) -> Result<ImageSource, BadRequest> {
+    if let Some(hex) = url.strip_prefix("img-") {
+        return match crate::cache::identity::from_hex(hex) {
+            Some(h) => Ok(ImageSource::Id(h)),
+            None => bad(format!("{at}: an image id is img- and 64 hex digits")),
+        };
+    }
     if let Some(rest) = url.strip_prefix("data:") {
         let Some((meta, data)) = rest.split_once(',') else { return bad(format!("{at}: a data URL needs a comma")) };
         if !meta.ends_with(";base64") {
@@ -428,6 +456,8 @@ pub struct Timings {
     pub queued_ms: f64,
     pub image_encode_ms: f64,
     pub images_encoded: usize,
+    /// Images whose embeddings came from the image cache.
+    pub image_cache_hits: usize,
     pub prompt_ms: f64,
     pub prompt_n: usize,
     pub predicted_ms: f64,
@@ -448,6 +478,7 @@ pub fn timings(u: &Usage) -> Timings {
         queued_ms: u.queued_ms,
         image_encode_ms: u.image_encode_ms,
         images_encoded: u.images_encoded,
+        image_cache_hits: u.image_cache_hits,
         prompt_ms: u.prompt_ms,
         prompt_n: u.prefilled_tokens,
         predicted_ms: u.predicted_ms,

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
@@ -24,16 +24,44 @@ use tokio::sync::mpsc;
 
 use super::prompt::{self, Item, Prompt};
 use super::stop::{truncate_at_stop, StopMatcher};
+use crate::cache::image::ImageCache;
 use crate::generate::{Decoder, Generated};
 use crate::llm::{Batch, Input, Session, MAX_SEQ};
 use crate::sampling::GenerationConfig;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::vision::{ImageEmbedding, VisionEncoder};
 
-/// A preprocessed image: HF's `pixel_values` and the identity of its decoded pixels.
+/// An image of a request: the identity of its decoded pixels, and HF's `pixel_values` to encode or, when the image
+/// cache held them (an uploaded image's id), its embeddings.
 pub struct PreparedImage {
     pub hash: [u8; 32],
     pub pixels: Vec<f32>,
+    pub emb: Option<ImageEmbedding>,
+}
+
+/// What the engine is sent: a chat request, or an image to encode into the image cache (`POST /v1/images`).
+pub enum Work {
+    Chat(Job),
+    Encode(EncodeJob),
+}
+
+pub struct EncodeJob {
+    pub hash: [u8; 32],
+    pub pixels: Vec<f32>,
+    pub reply: tokio::sync::oneshot::Sender<Result<Encoded, String>>,
+}
+
+/// An image put in the cache: already there, or encoded in `ms`.
+pub struct Encoded {
+    pub cached: bool,
+    pub ms: f64,
+}
+
+/// What a receive found.
+enum Received {
+    Job(Job),
+    Nothing,
+    Closed,
 }
 
 /// A validated request, ready to run.
@@ -83,6 +111,8 @@ pub struct Usage {
     /// Prompt positions computed for this request.
     pub prefilled_tokens: usize,
     pub images_encoded: usize,
+    /// Images whose embeddings came from the image cache (not encoded).
+    pub image_cache_hits: usize,
     pub image_encode_ms: f64,
     /// From admission to the first generated token (image encoding and prefill).
     pub prompt_ms: f64,
@@ -219,6 +249,8 @@ pub struct Engine<'m> {
     tok: &'m Tokenizer,
     session: Session<'m>,
     encoder: Option<VisionEncoder<'m>>,
+    /// Embeddings of images seen or uploaded, shared with the HTTP side (which looks up uploaded images' ids).
+    images: Arc<Mutex<ImageCache>>,
     n_image_tokens: usize,
     slots: Vec<Slot<'m>>,
     /// Sequences per slot (the most beams a request may use).
@@ -246,6 +278,7 @@ impl<'m> Engine<'m> {
         tok: &'m Tokenizer,
         session: Session<'m>,
         encoder: Option<VisionEncoder<'m>>,
+        images: Arc<Mutex<ImageCache>>,
         parallel: usize,
         width: usize,
         cache_ram: usize,
@@ -263,6 +296,7 @@ impl<'m> Engine<'m> {
             tok,
             session,
             encoder,
+            images,
             n_image_tokens,
             slots,
             width,
@@ -275,7 +309,7 @@ impl<'m> Engine<'m> {
     }
 
     /// Serves jobs until every sender is gone.
-    pub fn run(mut self, mut jobs: mpsc::Receiver<Job>) {
+    pub fn run(mut self, mut jobs: mpsc::Receiver<Work>) {
         let mut waiting: Option<Job> = None;
         loop {
             // Take work: block when idle, else look without waiting, and only when a slot is free (a job stays in
@@ -283,13 +317,10 @@ impl<'m> Engine<'m> {
             let free = self.slots.iter().any(|s| s.task.is_none());
             if waiting.is_none() && free {
                 let idle = self.slots.iter().all(|s| s.task.is_none());
-                waiting = if idle {
-                    match jobs.blocking_recv() {
-                        Some(j) => Some(j),
-                        None => return,
-                    }
-                } else {
-                    jobs.try_recv().ok()
+                waiting = match self.receive(&mut jobs, idle) {
+                    Received::Job(j) => Some(j),
+                    Received::Nothing => None,
+                    Received::Closed => return,
                 };
             }
             // Admit as many as fit; a job that does not fit yet waits (the queue behind it stays bounded).
@@ -309,7 +340,10 @@ impl<'m> Engine<'m> {
                     }
                 }
                 if self.slots.iter().any(|s| s.task.is_none()) {
-                    waiting = jobs.try_recv().ok();
+                    waiting = match self.receive(&mut jobs, false) {
+                        Received::Job(j) => Some(j),
+                        _ => None,
+                    };
                 }
             }
             self.cancel_gone();
@@ -322,6 +356,51 @@ impl<'m> Engine<'m> {
                 });
             }
         }
+    }
+
+    /// The next chat job, waiting for one if `block`; images to encode that come first are encoded on the way.
+    fn receive(&mut self, jobs: &mut mpsc::Receiver<Work>, block: bool) -> Received {
+        loop {
+            let work = if block {
+                match jobs.blocking_recv() {
+                    Some(w) => w,
+                    None => return Received::Closed,
+                }
+            } else {
+                match jobs.try_recv() {
+                    Ok(w) => w,
+                    Err(_) => return Received::Nothing,
+                }
+            };
+            match work {
+                Work::Chat(j) => return Received::Job(j),
+                Work::Encode(e) => {
+                    self.guarded(|eng| {
+                        eng.encode_upload(e);
+                        None
+                    });
+                }
+            }
+        }
+    }
+
+    /// `POST /v1/images`: the image's embeddings into the cache (not encoded again if already there).
+    fn encode_upload(&mut self, job: EncodeJob) {
+        let n_embd = self.session.model.hp.n_embd;
+        let result = (|| {
+            let enc = self.encoder.as_mut().ok_or("the server has no vision encoder (start it with --mmproj)")?;
+            let n_tokens = enc.model.hp.n_image_tokens();
+            if self.images.lock().expect("image cache").contains(&job.hash, n_tokens, n_embd) {
+                return Ok(Encoded { cached: true, ms: 0.0 });
+            }
+            let started = Instant::now();
+            let e = enc.encode_pixels(&job.pixels, 1).map_err(|e| format!("encoding the image: {e:#}"))?;
+            let e = e.into_iter().next().ok_or("no embeddings")?;
+            self.stats.encode_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            self.images.lock().expect("image cache").put(&job.hash, &e);
+            Ok(Encoded { cached: false, ms: started.elapsed().as_secs_f64() * 1e3 })
+        })();
+        let _ = job.reply.send(result.map_err(|e: String| e));
     }
 
     /// Runs `f`; a panic inside fails every running request (their handlers answer 500) and empties the cache,
@@ -444,6 +523,7 @@ impl<'m> Engine<'m> {
         let mut images = images_in.into_iter().skip(n_images_kept);
         let mut tokens = VecDeque::new();
         let mut err = None;
+        let mut cache_hits = 0;
         for item in &items[keep..] {
             match *item {
                 Item::Token(t) => tokens.push_back(t),
@@ -456,7 +536,15 @@ impl<'m> Engine<'m> {
                         break;
                     };
                     let n_tokens = self.n_image_tokens;
-                    pending.push_back(Pending::Image { pixels: img.pixels, emb: None, hash, n_tokens, done: 0 });
+                    // Embeddings the request brought (an uploaded image) or the cache holds are not computed again.
+                    let n_embd = self.session.model.hp.n_embd;
+                    let emb = img.emb.or_else(|| {
+                        self.images.lock().expect("image cache").get(&hash, n_tokens, n_embd).map(|(e, _)| e)
+                    });
+                    if emb.is_some() {
+                        cache_hits += 1;
+                    }
+                    pending.push_back(Pending::Image { pixels: img.pixels, emb, hash, n_tokens, done: 0 });
                 }
             }
         }
@@ -478,6 +566,7 @@ impl<'m> Engine<'m> {
                 cached_tokens: reported,
                 prefilled_tokens: total - reported,
                 images_encoded: if own { 0 } else { n_images_kept },
+                image_cache_hits: cache_hits,
                 queued_ms: admitted.duration_since(job.queued_at).as_secs_f64() * 1e3,
                 ..Usage::default()
             },
@@ -715,7 +804,9 @@ impl<'m> Engine<'m> {
     /// during which no other request advances).
     fn encode(&mut self, i: usize) -> Result<()> {
         let t = self.slots[i].task.as_mut().expect("prefilling");
-        let Some(Pending::Image { pixels, emb, n_tokens, .. }) = t.pending.front_mut() else { unreachable!("checked") };
+        let Some(Pending::Image { pixels, emb, n_tokens, hash, .. }) = t.pending.front_mut() else {
+            unreachable!("checked")
+        };
         let enc = self.encoder.as_mut().ok_or_else(|| anyhow!("no vision encoder"))?;
         let started = Instant::now();
         let e = enc.encode_pixels(pixels, 1)?.pop().ok_or_else(|| anyhow!("no embeddings"))?;
@@ -723,6 +814,7 @@ impl<'m> Engine<'m> {
             bail!("{} image tokens where the vision model's parameters say {n_tokens}", e.n_tokens);
         }
         *pixels = Vec::new();
+        self.images.lock().expect("image cache").put(hash, &e);
         *emb = Some(e);
         t.usage.images_encoded += 1;
         t.usage.image_encode_ms += started.elapsed().as_secs_f64() * 1e3;

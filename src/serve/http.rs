@@ -35,7 +35,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::api::{self, BadRequest, ImageSource, Message, RequestLimits, Validated};
-use super::engine::{Event, Job, PreparedImage, Stats};
+use super::engine::{EncodeJob, Event, Job, PreparedImage, Stats, Work};
 use super::local_file::AllowedDir;
 use super::prompt::{self, Item};
 use super::ModelInfo;
@@ -63,7 +63,7 @@ pub struct Config {
 struct AppState {
     conf: Config,
     info: ModelInfo,
-    engine: mpsc::Sender<Job>,
+    engine: mpsc::Sender<Work>,
     stats: Arc<Stats>,
     /// Requests are parsed and prepared on blocking threads, this many at once (JSON, base64, tokenizing)...
     work: Arc<Semaphore>,
@@ -78,7 +78,7 @@ struct AppState {
 #[derive(Clone, Copy)]
 struct Peer(SocketAddr);
 
-pub async fn serve(conf: Config, info: ModelInfo, engine: mpsc::Sender<Job>, stats: Arc<Stats>) -> Result<()> {
+pub async fn serve(conf: Config, info: ModelInfo, engine: mpsc::Sender<Work>, stats: Arc<Stats>) -> Result<()> {
     let addr = format!("{}:{}", conf.host, conf.port);
     let listener = TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
@@ -104,7 +104,7 @@ pub async fn serve(conf: Config, info: ModelInfo, engine: mpsc::Sender<Job>, sta
         hosts,
     });
     let app = router(state.clone());
-    eprintln!("listening on http://{local} (POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats)");
+    eprintln!("listening on http://{local} (POST /v1/chat/completions, POST /v1/images, GET /v1/models, GET /health, GET /stats)");
 
     let conns = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -144,6 +144,7 @@ fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/images", post(upload_image))
         .route("/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
     let mut app = Router::new().route("/health", get(health)).merge(api).fallback(not_found).with_state(state.clone());
@@ -249,49 +250,119 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn stats(State(st): State<Arc<AppState>>) -> Response {
-    Json(st.stats.to_json()).into_response()
+    let mut v = st.stats.to_json();
+    let (c, (n, bytes)) = {
+        let images = st.info.images.lock().expect("image cache");
+        (images.counts, images.ram_usage())
+    };
+    v["image_cache"] = serde_json::json!({"ram_hits": c.ram_hits, "disk_hits": c.disk_hits, "misses": c.misses,
+        "bad_entries": c.bad_entries, "ram_images": n, "ram_bytes": bytes});
+    Json(v).into_response()
 }
 
 fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
-async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+/// A request's JSON body: `Content-Type: application/json`, within `--max-body-mb` (the declared length checked
+/// first) and `--body-timeout`; else the error response.
+async fn json_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, Response> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.split(';').next().is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json")));
     if !json {
-        return error(
+        return Err(error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "invalid_request_error",
             "Content-Type: application/json is required",
-        );
+        ));
     }
     let max = st.conf.max_body;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
-        return error(
+        return Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "invalid_request_error",
             format!("the body is over {} MiB", max >> 20),
-        );
+        ));
     }
-    let bytes: Bytes = match tokio::time::timeout(st.conf.body_timeout, axum::body::to_bytes(body, max)).await {
+    match tokio::time::timeout(st.conf.body_timeout, axum::body::to_bytes(body, max)).await {
         Err(_) => {
             let mut r = error(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "the body did not arrive in time");
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
+            Err(r)
         }
-        Ok(Err(_)) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                format!("the body could not be read or is over {} MiB", max >> 20),
-            )
+        Ok(Err(_)) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the body could not be read or is over {} MiB", max >> 20),
+        )),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+/// `POST /v1/images` with `{"url": "data:image/...;base64,..."}` (or a path under `--allow-paths`): the image is
+/// decoded, encoded once into the image cache, and known by the returned id, which later requests give as an
+/// `image_url` instead of the image (`{"id": "img-...", "object": "image", "tokens": N, "cached": bool,
+/// "encode_ms": ms}`).
+async fn upload_image(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let bytes = match json_body(&st, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let shutting_down = || error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down");
+    let (Ok(work), Ok(image)) = (st.work.clone().acquire_owned().await, st.images.clone().acquire_owned().await) else {
+        return shutting_down();
+    };
+    let st2 = st.clone();
+    let loaded = tokio::task::spawn_blocking(move || {
+        let _permits = (work, image);
+        let url = api::parse_upload(&bytes)?;
+        let src = api::image_source(&url, "url", &st2.conf.limits)?;
+        match src {
+            ImageSource::Id(h) => uploaded(&st2.info, &h).map(|_| (Vec::new(), h)).map_err(BadRequest),
+            src => load_image(&st2, &src, "url"),
         }
-        Ok(Ok(b)) => b,
+    });
+    let (pixels, hash) = match loaded.await {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => return bad_request(e),
+        Err(_) => return error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal error reading the image"),
+    };
+    let answer = |cached: bool, ms: f64| {
+        Json(serde_json::json!({"id": api::image_id(&hash), "object": "image", "tokens": st.info.n_image_tokens,
+            "cached": cached, "encode_ms": ms}))
+        .into_response()
+    };
+    if pixels.is_empty() {
+        return answer(true, 0.0);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if let Err(e) = st.engine.try_send(Work::Encode(EncodeJob { hash, pixels, reply: tx })) {
+        return match e {
+            mpsc::error::TrySendError::Full(_) => {
+                let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "the queue is full; retry shortly");
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                r
+            }
+            mpsc::error::TrySendError::Closed(_) => {
+                error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped")
+            }
+        };
+    }
+    match rx.await {
+        Ok(Ok(done)) => answer(done.cached, done.ms),
+        Ok(Err(msg)) => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg),
+        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped"),
+    }
+}
+
+async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    let bytes = match json_body(&st, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => return r,
     };
     let shutting_down = || error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "shutting down");
     let Ok(work) = st.work.clone().acquire_owned().await else { return shutting_down() };
@@ -330,7 +401,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         }
     };
     st.stats.queued.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = st.engine.try_send(job) {
+    if let Err(e) = st.engine.try_send(Work::Chat(job)) {
         st.stats.queued.fetch_sub(1, Ordering::Relaxed);
         return match e {
             mpsc::error::TrySendError::Full(_) => {
@@ -356,6 +427,42 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
     }
 }
 
+/// Reads (a data URL's bytes, or a file under `--allow-paths`), decodes and preprocesses an image: its
+/// `pixel_values` and identity.
+fn load_image(st: &AppState, src: &ImageSource, at: &str) -> Result<(Vec<f32>, [u8; 32]), BadRequest> {
+    let Some(pre) = &st.info.preprocess else {
+        return Err(BadRequest(format!("{at}: images need the server to be started with --mmproj")));
+    };
+    let owned;
+    let bytes: &[u8] = match src {
+        ImageSource::Id(_) => unreachable!("ids are looked up, not loaded"),
+        ImageSource::Data(b) => b,
+        ImageSource::Path(p) => {
+            let dir = st.conf.allowed.as_ref().ok_or_else(|| BadRequest(format!("{at}: local paths are off")))?;
+            owned = dir.read(p, st.conf.limits.max_image_bytes as u64).map_err(|e| {
+                eprintln!("{at}: refused {:?}: {}", p.escape_debug().to_string(), e.reason().escape_debug());
+                BadRequest(format!("{at}: {e}"))
+            })?;
+            &owned
+        }
+    };
+    preprocess_bytes_limited(bytes, at, pre, &st.conf.image_limits).map_err(|e| BadRequest(format!("{e:#}")))
+}
+
+/// An uploaded image, by its id: its embeddings from the image cache.
+fn uploaded(info: &ModelInfo, hash: &[u8; 32]) -> Result<PreparedImage, String> {
+    let n_embd = info.n_embd;
+    let emb = info.images.lock().expect("image cache").get(hash, info.n_image_tokens, n_embd).map(|(e, _)| e);
+    match emb {
+        Some(e) => Ok(PreparedImage { hash: *hash, pixels: Vec::new(), emb: Some(e) }),
+        None => Err(format!(
+            "image {} is not in the server's image cache (never uploaded, or given up for newer ones): upload it \
+             again with POST /v1/images",
+            api::image_id(hash)
+        )),
+    }
+}
+
 /// Reads and preprocesses the images, tokenizes the conversation and checks that it fits: everything that can
 /// be refused is refused here, before the engine spends any time on it.
 fn prepare(st: &AppState, v: Validated, events: mpsc::UnboundedSender<Event>) -> Result<Job, BadRequest> {
@@ -364,33 +471,13 @@ fn prepare(st: &AppState, v: Validated, events: mpsc::UnboundedSender<Event>) ->
     for m in &v.messages {
         let Message::User { images: list, .. } = m else { continue };
         for im in list {
-            let Some(pre) = &info.preprocess else {
-                return Err(BadRequest(format!("{}: images need the server to be started with --mmproj", im.at)));
-            };
-            let owned;
-            let bytes: &[u8] = match &im.source {
-                ImageSource::Data(b) => b,
-                ImageSource::Path(p) => {
-                    let dir = st
-                        .conf
-                        .allowed
-                        .as_ref()
-                        .ok_or_else(|| BadRequest(format!("{}: local paths are off", im.at)))?;
-                    owned = dir.read(p, st.conf.limits.max_image_bytes as u64).map_err(|e| {
-                        eprintln!(
-                            "{}: refused {:?}: {}",
-                            im.at,
-                            p.escape_debug().to_string(),
-                            e.reason().escape_debug()
-                        );
-                        BadRequest(format!("{}: {e}", im.at))
-                    })?;
-                    &owned
+            images.push(match &im.source {
+                ImageSource::Id(hash) => uploaded(info, hash).map_err(|e| BadRequest(format!("{}: {e}", im.at)))?,
+                src => {
+                    let (pixels, hash) = load_image(st, src, &im.at)?;
+                    PreparedImage { hash, pixels, emb: None }
                 }
-            };
-            let (pixels, hash) = preprocess_bytes_limited(bytes, &im.at, pre, &st.conf.image_limits)
-                .map_err(|e| BadRequest(format!("{e:#}")))?;
-            images.push(PreparedImage { hash, pixels });
+            });
         }
     }
     let hashes: Vec<[u8; 32]> = images.iter().map(|i| i.hash).collect();

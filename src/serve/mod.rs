@@ -1,6 +1,6 @@
-//! `asagi-gguf serve`: an HTTP server with an OpenAI-style API (`POST /v1/chat/completions`, `GET /v1/models`,
-//! `GET /health`, `GET /stats`). Images come as `image_url` parts holding data URLs (or, with `--allow-paths
-//! DIR`, files under DIR). Decoding defaults to the model card's; request fields override it.
+//! `asagi-gguf serve`: an HTTP server with an OpenAI-style API (`POST /v1/chat/completions`, `POST /v1/images`,
+//! `GET /v1/models`, `GET /health`, `GET /stats`). Images come as `image_url` parts holding data URLs, ids of
+//! images uploaded with `POST /v1/images` (or, with `--allow-paths DIR`, files under DIR). Decoding defaults to the model card's; request fields override it.
 //!
 //! The rooms: `http` (axum/hyper on tokio: connections, limits, access, streaming), `api` (request and response
 //! types, validation), `engine` (one thread that owns the model and batches the running conversations), and
@@ -14,11 +14,14 @@ mod prompt;
 mod stop;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 
+use crate::cache::image::ImageCache;
+use crate::cache::store::DiskStore;
+use crate::cache::CacheArgs;
 use crate::llm::MAX_SEQ;
 use crate::load::{Loaded, ModelArgs};
 use crate::preprocess::{ImageLimits, PreprocessConfig};
@@ -44,9 +47,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4)]
     pub parallel: usize,
     /// KV cache (MiB) that finished conversations may keep beyond the slots' own, for later requests that
-    /// continue them or share their prefix (least recently used given up first; always within -c).
-    #[arg(long, default_value_t = 1024)]
+    /// continue them or share their prefix, an image's included (least recently used given up first; always
+    /// within -c): the server's prefix cache.
+    #[arg(long, visible_alias = "prefix-cache-ram", default_value_t = 1024)]
     pub cache_ram: usize,
+    /// Image embeddings: kept in RAM (`--image-cache-ram`) and, with `--image-cache DIR`, on disk, so that an image
+    /// sent again or uploaded once (`POST /v1/images`) is not encoded again (prompt prefixes stay in RAM here).
+    #[command(flatten)]
+    pub cache: CacheArgs,
     /// Requests that may wait for a slot; beyond that the server answers 503 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
@@ -101,7 +109,11 @@ pub(crate) struct ModelInfo {
     pub tok: Tokenizer,
     pub n_ctx: usize,
     pub n_image_tokens: usize,
+    /// Width of the language model's embeddings (an image's rows).
+    pub n_embd: usize,
     pub preprocess: Option<PreprocessConfig>,
+    /// Image embeddings, shared with the engine.
+    pub images: Arc<Mutex<ImageCache>>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -128,6 +140,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (job_tx, job_rx) = tokio::sync::mpsc::channel(a.queue);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<ModelInfo>>(1);
     let (load, parallel, engine_stats, cache_ram) = (a.load.clone(), a.parallel, stats.clone(), a.cache_ram << 20);
+    let cache_args = a.cache.clone();
     std::thread::Builder::new()
         .name("engine".into())
         .spawn(move || {
@@ -140,6 +153,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 let backends = loaded.backends();
                 let session = loaded.session(&model, &backends)?;
                 let encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
+                let mmproj_id = match cache_args.image_cache.is_some() {
+                    true => loaded.identities()?.1,
+                    false => None,
+                };
+                let disk = match &cache_args.image_cache {
+                    Some(dir) => {
+                        Some(Arc::new(DiskStore::open(dir, cache_args.image_cache_size.saturating_mul(1 << 20))?))
+                    }
+                    None => None,
+                };
+                let ram = usize::try_from(cache_args.image_cache_ram.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
+                let images = Arc::new(Mutex::new(ImageCache::new(mmproj_id.unwrap_or([0; 32]), ram, disk)));
                 for line in loaded.placement_summary() {
                     eprintln!("{line}");
                 }
@@ -149,9 +174,12 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     tok,
                     n_ctx: session.cache.n_cells(),
                     n_image_tokens: encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens()),
+                    n_embd: model.hp.n_embd,
                     preprocess: encoder.as_ref().map(|e| e.model.hp.preprocess.clone()),
+                    images: images.clone(),
                 };
-                let engine = Engine::new(&loaded.tok, session, encoder, parallel, width, cache_ram, engine_stats);
+                let engine =
+                    Engine::new(&loaded.tok, session, encoder, images, parallel, width, cache_ram, engine_stats);
                 if ready_tx.send(Ok(info)).is_ok() {
                     engine.run(job_rx);
                 }

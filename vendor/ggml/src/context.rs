@@ -161,6 +161,37 @@ impl Context {
         Ok(())
     }
 
+    /// Copies `data` into bytes `offset..offset + data.len()` of tensor `t` (allocated in a buffer of this context):
+    /// some rows of a KV cache restored from a file.
+    pub fn write_bytes(&self, t: Tensor<'_>, offset: usize, data: &[u8]) -> Result<()> {
+        if !self.owns_data_of(t) {
+            return Err(Error::NotAllocated(t.name()));
+        }
+        if offset.checked_add(data.len()).is_none_or(|end| end > t.nbytes()) {
+            return Err(Error::Size { tensor: t.name(), expected: t.nbytes(), got: offset.saturating_add(data.len()) });
+        }
+        // SAFETY: t is allocated in a live buffer owned by self and the range lies inside its data (checked).
+        unsafe { sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr().cast(), offset, data.len()) };
+        Ok(())
+    }
+
+    /// Bytes `offset..offset + len` of tensor `t` (allocated in a readable buffer of this context).
+    pub fn read_bytes(&self, t: Tensor<'_>, offset: usize, len: usize) -> Result<Vec<u8>> {
+        match self.buffer_of(t) {
+            None => return Err(Error::NotAllocated(t.name())),
+            Some(false) => return Err(Error::Invalid(format!("tensor {:?} is repacked and cannot be read", t.name()))),
+            Some(true) => {}
+        }
+        if offset.checked_add(len).is_none_or(|end| end > t.nbytes()) {
+            return Err(Error::Size { tensor: t.name(), expected: t.nbytes(), got: offset.saturating_add(len) });
+        }
+        let mut out = vec![0u8; len];
+        // SAFETY: t is allocated in a live, readable buffer owned by self, the range lies inside its data (checked)
+        // and `out` holds exactly `len` bytes.
+        unsafe { sys::ggml_backend_tensor_get(t.as_ptr(), out.as_mut_ptr().cast(), offset, len) };
+        Ok(out)
+    }
+
     /// Copies the data of tensor `t` (allocated in a buffer of this context) into a new vector of `T`.
     pub fn read<T: Pod>(&self, t: Tensor<'_>) -> Result<Vec<T>> {
         match self.buffer_of(t) {

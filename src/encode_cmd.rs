@@ -1,0 +1,85 @@
+//! `asagi-gguf encode`: fills the cache folder ahead of time, so that the first question about an image is as fast
+//! as a later one. For each image: its embeddings, and the KV cells of Asagi's prompt up to and including the image
+//! (the preamble does not depend on the question), keyed as `run` and `chat` look them up.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use crate::cache::identity::hex;
+use crate::cache::prompt as prompt_cache;
+use crate::cache::{prefix_end, CacheArgs, Caches};
+use crate::load::{Loaded, ModelArgs};
+use crate::preprocess::{DecodedImage, ImageLimits};
+use crate::run_cmd::asagi_prompt;
+use crate::vision::VisionEncoder;
+
+#[derive(clap::Args, Debug)]
+pub struct EncodeArgs {
+    /// The language model and mmproj the cached cells are for (-m and --mmproj; the KV cache type matters too:
+    /// use the --cache-type that `run` will use).
+    #[command(flatten)]
+    pub load: ModelArgs,
+    /// Image files.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+    #[command(flatten)]
+    pub cache: CacheArgs,
+    /// One JSON object per image on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: EncodeArgs) -> Result<()> {
+    if args.cache.image_cache.is_none() {
+        bail!("encode fills a cache folder: give --image-cache DIR");
+    }
+    let loaded = Loaded::open(&args.load, true)?;
+    let tok = &loaded.tok;
+    let model = loaded.model()?;
+    let Some(vmodel) = loaded.vision(&model)? else { bail!("encode needs --mmproj") };
+    let backends = loaded.backends();
+    let mut session = loaded.session(&model, &backends)?;
+    let mut encoder = VisionEncoder::new(&vmodel, &backends)?;
+    let (llm_id, mm_id) = loaded.identities()?;
+    let mut caches = Caches::open(&args.cache, llm_id, mm_id, &session, vmodel.hp.n_image_tokens())?;
+    // The template's tokens up to its image: the same for every question.
+    let ids = tok.encode(&asagi_prompt("", 1), true)?;
+    let end = prefix_end(&crate::cache::items::items_of(&ids, tok.image, &[[0; 32]]));
+    let prefix = &ids[..end];
+    let mut stdout = std::io::stdout().lock();
+    for path in &args.images {
+        let t = Instant::now();
+        let img = DecodedImage::open(path, &vmodel.hp.preprocess, &ImageLimits::default())?;
+        let pre = prompt_cache::prefill(
+            &mut session,
+            &mut caches,
+            Some(&mut encoder),
+            prefix,
+            tok.image,
+            std::slice::from_ref(&img),
+            None,
+            true,
+        )?;
+        let r = &pre.report;
+        let ms = t.elapsed().as_secs_f64() * 1e3;
+        let id = hex(&img.hash);
+        if args.json {
+            let out = json!({"image": path.display().to_string(), "id": id, "ms": ms, "cache": r.to_json()});
+            writeln!(stdout, "{out}")?;
+        } else {
+            let what = match (r.images_encoded, r.restored_from.is_some(), r.prefix_saved) {
+                (_, true, _) => "already cached".to_string(),
+                (0, _, saved) => {
+                    format!("embeddings from the cache{}", if saved { ", prompt prefix cached" } else { "" })
+                }
+                (_, _, saved) => format!("encoded{}", if saved { ", prompt prefix cached" } else { "" }),
+            };
+            writeln!(stdout, "{} {id}: {what} ({ms:.0} ms)", path.display())?;
+        }
+    }
+    Ok(())
+}
