@@ -6,7 +6,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use serde_json::json;
 
 use crate::cache::items::{items_of, Item};
@@ -51,6 +51,9 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
+    if let Some(p) = &args.session {
+        crate::cache::store::check_writable_file(p).context("--session")?;
+    }
     let t_load = Instant::now();
     let loaded = Loaded::open(&args.load, args.load.mmproj.is_some())?;
     let tok = &loaded.tok;

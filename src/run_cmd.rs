@@ -140,6 +140,9 @@ impl DecodingArgs {
 }
 
 pub fn run(args: RunArgs) -> Result<()> {
+    if let Some(p) = &args.session {
+        crate::cache::store::check_writable_file(p).context("--session")?;
+    }
     let t_load = Instant::now();
     let loaded = Loaded::open(&args.load, !args.images.is_empty())?;
     let tok = &loaded.tok;

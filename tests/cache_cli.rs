@@ -105,6 +105,19 @@ fn a_session_file_spares_the_same_prompt_and_refuses_another_model() {
     assert!(stderr.contains("cache type"), "{stderr}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["cache"]["restored_from"], Value::Null);
+
+    // A session in a folder that does not exist: refused before anything is computed.
+    let missing = dir.path().join("no/such/folder/s.session");
+    let out = common::asagi_gguf()
+        .args(["run", "-t", "2", "--greedy", "-n", "1", "-m"])
+        .arg(&llm)
+        .args(["-p", Q1, "--session"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--session") && stderr.contains("does not exist"), "{stderr}");
 }
 
 /// `chat --json --session FILE` with `lines` on stdin: one JSON object per answer.

@@ -173,3 +173,15 @@ pub fn atomic_write(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>
     tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
+
+/// Refuses, before any work, a file path that cannot be written when the time comes: its folder missing, or the
+/// path itself a folder.
+pub fn check_writable_file(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    anyhow::ensure!(dir.is_dir(), "{}: the folder {} does not exist", path.display(), dir.display());
+    anyhow::ensure!(!path.is_dir(), "{} is a folder", path.display());
+    Ok(())
+}
