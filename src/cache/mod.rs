@@ -37,7 +37,7 @@ pub struct CacheArgs {
     #[arg(long, value_name = "DIR")]
     pub image_cache: Option<PathBuf>,
     /// Most megabytes the cache folder holds; least recently used entries are removed beyond it. A prefix entry of
-    /// a 4B model's image prompt is ~260 MB (F16 cells), an image's embeddings 6-9 MB.
+    /// a 4B model's image prompt is ~270 MB (F16 cells), an image's embeddings 6-9 MB.
     #[arg(long, value_name = "MB", default_value_t = 4096)]
     pub image_cache_size: u64,
     /// Megabytes of image embeddings kept in RAM (least recently used out first).
