@@ -68,16 +68,17 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let n_image_tokens = vmodel.as_ref().map_or(0, |v| v.hp.n_image_tokens());
     let mut caches = Caches::open(&args.cache, llm_id, mm_id, &session, n_image_tokens)?;
     let mut conv = Conversation::new(&mut session);
-    // The identities of the conversation's images, in order (a saved session knows its images by them).
-    let mut hashes: Vec<[u8; 32]> = Vec::new();
+    // The conversation as cache items (each turn's prompt with its images' identities, each answer's tokens): what
+    // a session file holds.
+    let mut items: Vec<Item> = Vec::new();
     if let Some(path) = args.session.as_ref().filter(|p| p.exists()) {
         let resumed = KvFile::read(path, &caches.expect).and_then(|f| {
             conv.resume(&f, tok.image)?;
-            Ok(f.items.iter().filter_map(|i| if let Item::Image(h) = i { Some(*h) } else { None }).collect())
+            Ok(f.items)
         });
         match resumed {
-            Ok(h) => {
-                hashes = h;
+            Ok(v) => {
+                items = v;
                 eprintln!("(session {}: {} positions restored)", path.display(), conv.n_past());
             }
             Err(e) => eprintln!("warning: session {}: {e:#}; starting a new conversation", path.display()),
@@ -105,8 +106,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
         }
         if let Some(cmd) = line.strip_prefix('/') {
             let flow = command(cmd, &mut conv, &mut pending, encoder.is_some());
-            if conv.n_past() == 0 {
-                hashes.clear(); // after /reset
+            if conv.n_past() == 0 && !items.is_empty() {
+                // After /reset: the saved conversation is gone too (a later start begins anew).
+                items.clear();
+                if let Some(p) = &args.session {
+                    let _ = std::fs::remove_file(p);
+                }
             }
             match flow {
                 Flow::Quit => break,
@@ -129,10 +134,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         match answer(&mut conv, tok, line, &embeddings, &cfg, args.json) {
             Ok((ids, turn)) => {
                 turn_no += 1;
-                hashes.extend(turn_hashes);
+                items.extend(items_of(&ids, tok.image, &turn_hashes));
+                items.extend(turn.answer.tokens.iter().map(|&t| Item::Token(t)));
                 report(tok, turn_no, &ids, &turn, image_ms, &cache_report, args.json)?;
                 if let Some(path) = &args.session {
-                    let items = items_of(conv.history(), tok.image, &hashes);
                     if let Err(e) = prompt_cache::save_session(path, conv.session, &caches, &items, items.len(), &[]) {
                         eprintln!("warning: {e:#}");
                     }

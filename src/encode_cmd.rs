@@ -54,7 +54,15 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     for path in &args.images {
         let t = Instant::now();
         let img = DecodedImage::open(path, &vmodel.hp.preprocess, &ImageLimits::default())?;
-        let pre = prompt_cache::prefill(
+        let items = crate::cache::items::items_of(prefix, tok.image, &[img.hash]);
+        let n_embd = model.hp.n_embd;
+        if !args.cache.no_prefix_cache && caches.read_prefix(&items).is_some() {
+            let cached = caches.images.contains(&img.hash, vmodel.hp.n_image_tokens(), n_embd);
+            let ms = t.elapsed().as_secs_f64() * 1e3;
+            report(&mut stdout, args.json, path, &img.hash, ms, None, cached)?;
+            continue;
+        }
+        let mut pre = prompt_cache::prefill(
             &mut session,
             &mut caches,
             Some(&mut encoder),
@@ -64,22 +72,42 @@ pub fn run(args: EncodeArgs) -> Result<()> {
             None,
             true,
         )?;
-        let r = &pre.report;
+        prompt_cache::save_prefix(&session, &caches, &mut pre);
         let ms = t.elapsed().as_secs_f64() * 1e3;
-        let id = hex(&img.hash);
-        if args.json {
-            let out = json!({"image": path.display().to_string(), "id": id, "ms": ms, "cache": r.to_json()});
-            writeln!(stdout, "{out}")?;
-        } else {
-            let what = match (r.images_encoded, r.restored_from.is_some(), r.prefix_saved) {
-                (_, true, _) => "already cached".to_string(),
-                (0, _, saved) => {
-                    format!("embeddings from the cache{}", if saved { ", prompt prefix cached" } else { "" })
-                }
-                (_, _, saved) => format!("encoded{}", if saved { ", prompt prefix cached" } else { "" }),
-            };
-            writeln!(stdout, "{} {id}: {what} ({ms:.0} ms)", path.display())?;
-        }
+        report(&mut stdout, args.json, path, &img.hash, ms, Some(&pre.report), true)?;
     }
+    Ok(())
+}
+
+/// One image's line: what was done (`r`; `None`: the prefix was already cached, and the embeddings too if
+/// `embeddings_cached`).
+fn report(
+    out: &mut impl Write,
+    json: bool,
+    path: &std::path::Path,
+    hash: &[u8; 32],
+    ms: f64,
+    r: Option<&prompt_cache::Report>,
+    embeddings_cached: bool,
+) -> Result<()> {
+    let id = hex(hash);
+    if json {
+        let cache = match r {
+            Some(r) => r.to_json(),
+            None => json!({"restored_from": "prefix cache", "images_encoded": 0, "prefix_saved": false,
+                "embeddings_cached": embeddings_cached}),
+        };
+        writeln!(out, "{}", json!({"image": path.display().to_string(), "id": id, "ms": ms, "cache": cache}))?;
+        return Ok(());
+    }
+    let what = match r {
+        None => "already cached".to_string(),
+        Some(r) => format!(
+            "{}{}",
+            if r.images_encoded == 0 { "embeddings from the cache" } else { "encoded" },
+            if r.prefix_saved { ", prompt prefix cached" } else { "" }
+        ),
+    };
+    writeln!(out, "{} {id}: {what} ({ms:.0} ms)", path.display())?;
     Ok(())
 }

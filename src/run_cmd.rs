@@ -198,7 +198,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
 
     let t_prompt = Instant::now();
-    let pre = prompt_cache::prefill(
+    let mut pre = prompt_cache::prefill(
         &mut session,
         &mut caches,
         encoder.as_mut(),
@@ -210,11 +210,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     )?;
     drop(saved);
     let ttft_base_ms = t_prompt.elapsed().as_secs_f64() * 1e3 + decode_ms;
-    let (report, pos) = (pre.report, pre.pos);
+    let pos = pre.pos;
     if let Some(p) = &args.dump_logits {
         write_npy(p, &pre.logits).with_context(|| format!("cannot write {}", p.display()))?;
     }
     let prompt_logits = args.session.as_ref().map(|_| pre.logits.clone());
+    let logits = std::mem::take(&mut pre.logits);
 
     // Ctrl-C ends the generation (what was generated is printed), a second one the program.
     let stop = crate::interrupt::flag();
@@ -222,7 +223,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut first_token_ms = None;
     let mut stream = tok.stream(true);
     let mut stdout = std::io::stdout().lock();
-    let best = generate::generate(&mut session, &cfg, &prompt, pre.logits, pos, stop, |id| {
+    let best = generate::generate(&mut session, &cfg, &prompt, logits, pos, stop, |id| {
         first_token_ms.get_or_insert_with(|| t_gen.elapsed().as_secs_f64() * 1e3);
         if !args.json {
             stdout.write_all(stream.push(id)?.as_bytes())?;
@@ -241,16 +242,22 @@ pub fn run(args: RunArgs) -> Result<()> {
     let generated = best.tokens.clone();
     let n_decoded = generated.len().max(1);
 
+    // What the caches keep for next time, written after the answer (a failure is a warning: the answer stands).
+    prompt_cache::save_prefix(&session, &caches, &mut pre);
     if let (Some(path), Some(logits)) = (&args.session, &prompt_logits) {
         let t = Instant::now();
-        if cfg.num_beams > 1 {
-            generate::keep_sequence(&mut session, pos, &generated)?;
-        }
+        let kept = match cfg.num_beams > 1 {
+            true => generate::keep_sequence(&mut session, pos, &generated),
+            false => Ok(()),
+        };
         let mut items = pre.items.clone();
         items.extend(generated.iter().map(|&t| Item::Token(t)));
-        prompt_cache::save_session(path, &session, &caches, &items, pre.items.len(), logits)?;
-        eprintln!("session saved to {} in {:.0} ms", path.display(), t.elapsed().as_secs_f64() * 1e3);
+        match kept.and_then(|()| prompt_cache::save_session(path, &session, &caches, &items, pre.items.len(), logits)) {
+            Ok(()) => eprintln!("session saved to {} in {:.0} ms", path.display(), t.elapsed().as_secs_f64() * 1e3),
+            Err(e) => eprintln!("warning: {e:#}"),
+        }
     }
+    let report = &pre.report;
 
     let prompt_ms = report.prefill_ms;
     let image_ms = report.image_ms + decode_ms;

@@ -86,7 +86,7 @@ fn image_prompts_match_hf_logits_and_greedy() {
 
 #[test]
 fn image_count_mismatch_is_an_error() {
-    let img = asagi_gguf::vision::ImageEmbedding { data: vec![0.0; 4], n_tokens: 1, features: vec![] };
+    let img = asagi_gguf::vision::ImageEmbedding { data: vec![0.0; 4].into(), n_tokens: 1, features: vec![] };
     let err = multimodal::segments(&[1, 7, 9, 7], Some(7), std::slice::from_ref(&img)).err().unwrap().to_string();
     assert!(err.contains("2 <image> token(s) but 1 image(s)"), "{err}");
     let segs = multimodal::segments(&[1, 7, 9], Some(7), std::slice::from_ref(&img)).unwrap();

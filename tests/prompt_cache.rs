@@ -74,9 +74,23 @@ impl<'a> Env<'a> {
         saved: Option<&KvFile>,
     ) -> Prefilled {
         let ids = self.tok.encode(&asagi_prompt(question, images.len()), true).unwrap();
+        self.prefill_ids(s, caches, &ids, images, saved)
+    }
+
+    /// As `prefill`, for token ids; the prefix entry written as `run` writes it after the answer.
+    fn prefill_ids(
+        &self,
+        s: &mut Session<'_>,
+        caches: &mut Caches,
+        ids: &[u32],
+        images: &[&str],
+        saved: Option<&KvFile>,
+    ) -> Prefilled {
         let imgs = self.images(images);
         let mut enc = VisionEncoder::new(&self.vmodel, &[&self.backend]).unwrap();
-        prompt_cache::prefill(s, caches, Some(&mut enc), &ids, self.tok.image, &imgs, saved, false).unwrap()
+        let mut p = prompt_cache::prefill(s, caches, Some(&mut enc), ids, self.tok.image, &imgs, saved, false).unwrap();
+        prompt_cache::save_prefix(s, caches, &mut p);
+        p
     }
 
     /// The last position's logits of a computation without any cache, in a new session.
@@ -131,6 +145,18 @@ fn cached_images_and_prefixes_give_the_logits_of_a_fresh_computation() {
         let r = &emb.report;
         assert_eq!((r.restored_positions, r.images_encoded, r.image_disk_hits), (0, 0, n), "{images:?}");
         assert!(same_bits(&emb.logits, &env.fresh(Q2, images)), "{images:?}: cached embeddings = fresh");
+    }
+
+    // A prompt that ends with its image (a raw prompt): its prefix is the whole prompt, which is never restored
+    // whole (the last position's logits are computed), the second time as the first.
+    let ids = env.tok.encode(&asagi_prompt("", 1), true).unwrap();
+    let end = ids.iter().position(|&t| Some(t) == env.tok.image).unwrap() + 1;
+    for round in 0..2 {
+        let mut s = env.session(Type::F32);
+        let mut caches = env.caches(&s, Some(dir.path()), false);
+        let p = env.prefill_ids(&mut s, &mut caches, &ids[..end], &["rgb_80x60.png"], None);
+        assert_eq!(p.report.restored_from, None, "round {round}");
+        assert_eq!(p.logits.len(), env.model.hp.n_vocab, "round {round}: the last position's logits");
     }
 
     // The same question about another image: its own prefix, not the first image's cells.
@@ -218,7 +244,7 @@ fn bad_entries_are_refused_with_a_reason_and_recomputed() {
     let mut caches = env.caches(&s, Some(dir.path()), false);
     let again = env.prefill(&mut s, &mut caches, Q1, &images, None);
     assert_eq!((again.report.restored_from, again.report.images_encoded), (None, 1), "both recomputed");
-    assert_eq!(caches.images.counts.bad_entries, 1);
+    assert_eq!(caches.images.counts().bad_entries, 1);
     assert!(same_bits(&again.logits, &cold.logits));
     assert_eq!(entry("kv"), kv, "the prefix was written again, under the same key");
     assert!(KvFile::read(&kv, &expect).is_ok());

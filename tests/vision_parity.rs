@@ -74,7 +74,7 @@ fn encoding_several_images_at_once_equals_one_by_one() {
     let batch = enc.encode_pixels(&px.concat(), 3).unwrap();
     for (p, b) in px.iter().zip(&batch) {
         let single = enc.encode_pixels(p, 1).unwrap().pop().unwrap();
-        let d = single.data.iter().zip(&b.data).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let d = single.data.iter().zip(b.data.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(d <= 1e-5, "batched and single encodings differ by {d}");
     }
 }

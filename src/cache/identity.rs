@@ -3,10 +3,11 @@
 //!
 //! Hashing a whole multi-GB GGUF would cost seconds at every start, longer than some of what the caches save, so
 //! the identity is blake3 over the file's size, its whole header (every metadata key, the tokenizer, the tensor
-//! table with types, shapes and offsets) and 64 KiB samples at 64 evenly spaced offsets of the tensor data. Two
-//! conversions of different checkpoints differ in every tensor, so they differ in the samples; a file edited in
-//! place byte by byte between two samples would not be noticed (llama.cpp's session files check far less: the
-//! vocabulary size and the context length).
+//! table with types, shapes and offsets) and, of every tensor, its first, middle and last 4 KiB (all of it when
+//! smaller). A different checkpoint, a fine-tune that retrained only the projector or one layer, a re-quantization:
+//! each changes some tensor's bytes from its first block on, so the samples see it (a retrained tensor differs
+//! everywhere). Not seen: bytes edited in place between samples. (llama.cpp's session files check far less: the
+//! vocabulary size and the context length.)
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,8 +15,7 @@ use std::os::unix::fs::FileExt;
 use anyhow::{bail, Context, Result};
 use ggml::gguf::GgufFile;
 
-const SAMPLES: u64 = 64;
-const SAMPLE_BYTES: u64 = 64 << 10;
+const SAMPLE: u64 = 4 << 10;
 /// Headers are read whole; a tokenizer of a few hundred thousand tokens is a few MB. Anything past this is not a
 /// header a converter writes.
 const MAX_HEADER: u64 = 256 << 20;
@@ -29,18 +29,22 @@ pub fn file_identity(file: &GgufFile) -> Result<[u8; 32]> {
     if data_start > len || data_start > MAX_HEADER {
         bail!("{}: tensor data starts at {data_start}, past the file's {len} bytes or a header's size", path.display());
     }
-    let mut h = blake3::Hasher::new_derive_key("asagi-gguf gguf file identity v1");
+    let mut h = blake3::Hasher::new_derive_key("asagi-gguf gguf file identity v2");
     h.update(&len.to_le_bytes());
     let mut buf = vec![0u8; data_start as usize];
     f.read_exact_at(&mut buf, 0).with_context(|| format!("cannot read {}", path.display()))?;
     h.update(&buf);
-    let data_len = len - data_start;
-    buf.resize(SAMPLE_BYTES.min(data_len) as usize, 0);
-    for i in 0..SAMPLES {
-        // Sample i starts i/64 of the way into the data (the last sample ends at the file's end).
-        let start = data_start + (data_len - buf.len() as u64) * i / (SAMPLES - 1);
-        f.read_exact_at(&mut buf, start).with_context(|| format!("cannot read {}", path.display()))?;
-        h.update(&buf);
+    buf.resize(SAMPLE as usize, 0);
+    for t in file.tensor_infos() {
+        let (start, size) = (t.offset, t.size as u64);
+        let end = start.checked_add(size).filter(|&e| e <= len);
+        let Some(end) = end else { bail!("{}: tensor {} lies past the file's end", path.display(), t.name) };
+        let n = SAMPLE.min(size);
+        let mid = start + (size - n) / 2;
+        for at in [start, mid, end - n] {
+            f.read_exact_at(&mut buf[..n as usize], at).with_context(|| format!("cannot read {}", path.display()))?;
+            h.update(&buf[..n as usize]);
+        }
     }
     Ok(*h.finalize().as_bytes())
 }

@@ -8,7 +8,8 @@
 //! - saved sessions (`--session FILE`, [`kv_file`] too): a prompt and its answer's cells, restored as far as a
 //!   later prompt starts with the same items.
 //!
-//! [`prompt`] puts them together for `run`, `chat` and `encode`. Everything read back is checked whole; a bad or
+//! [`prompt`] puts them together for `run` and `encode`; `chat` uses the embeddings and sessions, `serve` the
+//! embeddings (its prompt prefixes stay in RAM, in its slots). Everything read back is checked whole; a bad or
 //! foreign entry is recomputed, never trusted ([`store`], [`identity`]).
 
 pub mod identity;
@@ -43,7 +44,8 @@ pub struct CacheArgs {
     /// Megabytes of image embeddings kept in RAM (least recently used out first).
     #[arg(long, value_name = "MB", default_value_t = 256)]
     pub image_cache_ram: u64,
-    /// Keep only image embeddings in the cache folder, not the prompt prefixes' KV cells.
+    /// Keep only image embeddings in the cache folder, not the prompt prefixes' KV cells (`run`, `encode`; `chat`
+    /// and `serve` never write prefixes).
     #[arg(long)]
     pub no_prefix_cache: bool,
 }
@@ -96,7 +98,7 @@ impl Caches {
     }
 
     /// The key of a prefix entry: these exact items for this model, mmproj and cache type.
-    fn prefix_key(&self, items: &[Item]) -> [u8; 32] {
+    pub(crate) fn prefix_key(&self, items: &[Item]) -> [u8; 32] {
         let e = &self.expect;
         let mut h = blake3::Hasher::new_derive_key("asagi-gguf prompt prefix v1");
         h.update(&e.llm);
@@ -111,8 +113,31 @@ impl Caches {
         *h.finalize().as_bytes()
     }
 
+    /// The prefix entry of `items`, if the cache holds a valid one. A bad entry is removed (with a warning naming
+    /// it and the reason); one that cannot be opened (absent, or trimmed by another process a moment ago) is a miss.
+    pub fn read_prefix(&self, items: &[Item]) -> Option<kv_file::KvFile> {
+        let (disk, path) = self.prefix_path(items)?;
+        match kv_file::KvFile::read(&path, &self.expect) {
+            Ok(f) if f.items == items => {
+                disk.touch(&path);
+                Some(f)
+            }
+            Ok(_) => {
+                eprintln!("warning: prefix cache: {}: other items under its key; removed", path.display());
+                disk.remove(&path);
+                None
+            }
+            Err(e) if e.downcast_ref::<std::io::Error>().is_some() => None,
+            Err(e) => {
+                eprintln!("warning: prefix cache: {}: {e:#}; computing the prefix again", path.display());
+                disk.remove(&path);
+                None
+            }
+        }
+    }
+
     /// Where the prefix entry of `items` is, when prefixes are cached.
-    fn prefix_path(&self, items: &[Item]) -> Option<(Arc<DiskStore>, PathBuf)> {
+    pub(crate) fn prefix_path(&self, items: &[Item]) -> Option<(Arc<DiskStore>, PathBuf)> {
         let disk = self.disk.as_ref().filter(|_| self.prefixes)?;
         Some((disk.clone(), disk.path(Kind::Prefix, &self.prefix_key(items))))
     }

@@ -1,10 +1,12 @@
-//! A prompt through the caches, for `run`, `chat` and `encode`: restore what a saved session or a cached prefix
-//! holds, fetch or encode the images the rest needs, prefill the rest.
+//! A prompt through the caches, for `run` and `encode` (`chat` takes image embeddings and sessions): restore what a
+//! saved session or a cached prefix holds, fetch or encode the images the rest needs, prefill the rest.
 //!
-//! Restored cells go where a prefill of the same positions would put them (cells `0..n` of an empty cache), and
-//! the rest of the prompt is computed in the same pieces as without a cache (text, image, text: a prefix ends
-//! after an image), so the logits are those of a fresh computation, bit for bit on the CPU
-//! (tests/prompt_cache.rs).
+//! Restored cells go where a prefill of the same positions would put them (cells `0..n` of an empty cache). After a
+//! prefix (which ends after an image) the rest is computed in the same pieces as without a cache, so the logits are
+//! those of a fresh computation bit for bit. After a session the rest starts where the saved items end, a batch
+//! boundary a fresh run may not have: with F32 weights ggml's products do not depend on it (bit for bit again,
+//! tests/prompt_cache.rs); quantized weights can differ in the last bits there. Cells computed with other kernels
+//! (a GPU, `--no-repack`) are valid but not bit-identical; the keys do not distinguish them.
 
 use std::time::Instant;
 
@@ -63,6 +65,8 @@ pub struct Prefilled {
     pub pos: i32,
     pub items: Vec<Item>,
     pub report: Report,
+    /// Items whose prefix entry `save_prefix` is to write (computed here, not found in the cache).
+    pub unsaved_prefix: Option<usize>,
 }
 
 /// The embeddings of `img`, from the cache or the encoder (then cached).
@@ -125,35 +129,41 @@ pub fn prefill(
     let mut keep = 0;
     let mut logits = None;
     if let Some(f) = saved {
-        if f.items.get(..f.n_prompt_items) == Some(&items[..]) && !f.logits.is_empty() {
-            keep = items.len();
-            logits = Some(f.logits.clone());
+        let (k, l) = if f.items.get(..f.n_prompt_items) == Some(&items[..]) && !f.logits.is_empty() {
+            (items.len(), Some(f.logits.clone()))
         } else {
-            keep = reusable(&f.items, &items);
-        }
-        if keep > 0 {
-            f.restore(&mut session.cache, 0, positions(&items[..keep], n_image_tokens))?;
-            report.restored_from = Some("session");
+            (reusable(&f.items, &items), None)
+        };
+        if k > 0 {
+            match f.restore(&mut session.cache, 0, positions(&items[..k], n_image_tokens)) {
+                Ok(()) => {
+                    (keep, logits) = (k, l);
+                    report.restored_from = Some("session");
+                }
+                Err(e) => {
+                    eprintln!("warning: session: {e:#}; computing the prompt");
+                    session.cache.clear();
+                }
+            }
         }
     }
-    // 2. The prefix entry of the preamble and the images, when it gives more.
+    // 2. The prefix entry of the preamble and the images, when it gives more and is not the whole prompt (the last
+    //    position's logits must be computed).
     let end = prefix_end(&items);
     let mut prefix_hit = false;
-    if keep < end {
-        if let Some((disk, path)) = caches.prefix_path(&items[..end]).filter(|(_, p)| p.exists()) {
-            match KvFile::read(&path, &caches.expect) {
-                Ok(f) if f.items == items[..end] => {
-                    session.cache.clear();
-                    f.restore(&mut session.cache, 0, f.n_pos)?;
-                    disk.touch(&path);
+    if keep < end && end < items.len() {
+        if let Some(f) = caches.read_prefix(&items[..end]) {
+            session.cache.clear();
+            match f.restore(&mut session.cache, 0, f.n_pos) {
+                Ok(()) => {
                     keep = end;
                     prefix_hit = true;
                     report.restored_from = Some("prefix cache");
                 }
-                Ok(_) => eprintln!("warning: prefix cache: {}: other items under its key; ignored", path.display()),
                 Err(e) => {
-                    eprintln!("warning: prefix cache: {}: {e:#}; computing the prefix again", path.display());
-                    disk.remove(&path);
+                    eprintln!("warning: prefix cache: {e:#}; computing the prompt");
+                    session.cache.clear();
+                    (keep, report.restored_from) = (0, None);
                 }
             }
         }
@@ -194,21 +204,29 @@ pub fn prefill(
         }
     };
 
-    // 4. The prefix for the next question about these images.
-    if end > 0 && !prefix_hit && report.restored_positions < positions(&items[..end], n_image_tokens) {
-        if let Some((disk, _)) = caches.prefix_path(&items[..end]) {
-            let t = Instant::now();
-            let key = caches.prefix_key(&items[..end]);
-            let snap = Snapshot { items: &items[..end], n_prompt_items: 0, logits: &[], cache: &session.cache, seq: 0 };
-            let len = snap.len(&caches.expect)?;
-            match disk.write(super::store::Kind::Prefix, &key, len, |w| snap.write(&caches.expect, w)) {
-                Ok(saved) => report.prefix_saved = saved,
-                Err(e) => eprintln!("warning: prefix cache: {e:#}"),
-            }
-            report.prefix_save_ms = t.elapsed().as_secs_f64() * 1e3;
-        }
+    // The prefix for the next question about these images, unless it came from the cache: `save_prefix`, after
+    // the answer (so that writing it does not delay the first token).
+    let unsaved_prefix = (end > 0 && !prefix_hit).then_some(end);
+    Ok(Prefilled { logits, pos, items, report, unsaved_prefix })
+}
+
+/// Writes the prefix entry `prefilled` left unsaved (its cells must still be held by sequence 0: a beam search
+/// only relabels cells after the prompt). A failure is a warning: the answer does not depend on it.
+pub fn save_prefix(session: &Session<'_>, caches: &Caches, prefilled: &mut Prefilled) {
+    let Some(end) = prefilled.unsaved_prefix.take() else { return };
+    let items = &prefilled.items[..end];
+    let Some((disk, _)) = caches.prefix_path(items) else { return };
+    let t = Instant::now();
+    let key = caches.prefix_key(items);
+    let snap = Snapshot { items, n_prompt_items: 0, logits: &[], cache: &session.cache, seq: 0 };
+    let written = snap
+        .len(&caches.expect)
+        .and_then(|len| disk.write(super::store::Kind::Prefix, &key, len, |w| snap.write(&caches.expect, w)));
+    match written {
+        Ok(saved) => prefilled.report.prefix_saved = saved,
+        Err(e) => eprintln!("warning: prefix cache: {e:#}"),
     }
-    Ok(Prefilled { logits, pos, items, report })
+    prefilled.report.prefix_save_ms = t.elapsed().as_secs_f64() * 1e3;
 }
 
 /// Saves sequence 0 of `session` as a session file: `items` (the prompt and what was generated after it, as far

@@ -16,7 +16,7 @@
 use std::collections::VecDeque;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Result};
@@ -39,12 +39,7 @@ pub struct PreparedImage {
     pub emb: Option<ImageEmbedding>,
 }
 
-/// What the engine is sent: a chat request, or an image to encode into the image cache (`POST /v1/images`).
-pub enum Work {
-    Chat(Job),
-    Encode(EncodeJob),
-}
-
+/// An image to encode into the image cache (`POST /v1/images`), sent on a channel of its own.
 pub struct EncodeJob {
     pub hash: [u8; 32],
     pub pixels: Vec<f32>,
@@ -55,13 +50,6 @@ pub struct EncodeJob {
 pub struct Encoded {
     pub cached: bool,
     pub ms: f64,
-}
-
-/// What a receive found.
-enum Received {
-    Job(Job),
-    Nothing,
-    Closed,
 }
 
 /// A validated request, ready to run.
@@ -250,7 +238,7 @@ pub struct Engine<'m> {
     session: Session<'m>,
     encoder: Option<VisionEncoder<'m>>,
     /// Embeddings of images seen or uploaded, shared with the HTTP side (which looks up uploaded images' ids).
-    images: Arc<Mutex<ImageCache>>,
+    images: Arc<ImageCache>,
     n_image_tokens: usize,
     slots: Vec<Slot<'m>>,
     /// Sequences per slot (the most beams a request may use).
@@ -278,7 +266,7 @@ impl<'m> Engine<'m> {
         tok: &'m Tokenizer,
         session: Session<'m>,
         encoder: Option<VisionEncoder<'m>>,
-        images: Arc<Mutex<ImageCache>>,
+        images: Arc<ImageCache>,
         parallel: usize,
         width: usize,
         cache_ram: usize,
@@ -309,19 +297,53 @@ impl<'m> Engine<'m> {
     }
 
     /// Serves jobs until every sender is gone.
-    pub fn run(mut self, mut jobs: mpsc::Receiver<Work>) {
+    /// Serves chat jobs and image uploads until every sender is gone. At most one upload is encoded between two
+    /// steps, so uploads never hold up running answers for more than one encode, and they wait in their own
+    /// bounded queue, not in the chat requests'.
+    pub fn run(mut self, mut jobs: mpsc::Receiver<Job>, mut uploads: mpsc::Receiver<EncodeJob>) {
+        // Waiting for either queue when idle (a small runtime of this thread's own, for `select!`).
+        let idle_wait = match tokio::runtime::Builder::new_current_thread().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("engine: cannot start: {e}");
+                return;
+            }
+        };
+        let mut uploads_open = true;
         let mut waiting: Option<Job> = None;
         loop {
+            if uploads_open {
+                match uploads.try_recv() {
+                    Ok(u) => {
+                        self.guarded(|e| {
+                            e.encode_upload(u);
+                            None
+                        });
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => uploads_open = false,
+                    Err(mpsc::error::TryRecvError::Empty) => {}
+                }
+            }
             // Take work: block when idle, else look without waiting, and only when a slot is free (a job stays in
             // the bounded queue until it can start, so the queue's bound is what clients see).
             let free = self.slots.iter().any(|s| s.task.is_none());
             if waiting.is_none() && free {
                 let idle = self.slots.iter().all(|s| s.task.is_none());
-                waiting = match self.receive(&mut jobs, idle) {
-                    Received::Job(j) => Some(j),
-                    Received::Nothing => None,
-                    Received::Closed => return,
-                };
+                if idle {
+                    let next = idle_wait.block_on(async {
+                        tokio::select! {
+                            j = jobs.recv() => Some(j),
+                            Some(u) = uploads.recv(), if uploads_open => { self.guarded(|e| { e.encode_upload(u); None }); None }
+                        }
+                    });
+                    match next {
+                        Some(Some(j)) => waiting = Some(j),
+                        Some(None) => return,
+                        None => continue,
+                    }
+                } else {
+                    waiting = jobs.try_recv().ok();
+                }
             }
             // Admit as many as fit; a job that does not fit yet waits (the queue behind it stays bounded).
             while let Some(job) = waiting.take() {
@@ -340,10 +362,7 @@ impl<'m> Engine<'m> {
                     }
                 }
                 if self.slots.iter().any(|s| s.task.is_none()) {
-                    waiting = match self.receive(&mut jobs, false) {
-                        Received::Job(j) => Some(j),
-                        _ => None,
-                    };
+                    waiting = jobs.try_recv().ok();
                 }
             }
             self.cancel_gone();
@@ -358,46 +377,20 @@ impl<'m> Engine<'m> {
         }
     }
 
-    /// The next chat job, waiting for one if `block`; images to encode that come first are encoded on the way.
-    fn receive(&mut self, jobs: &mut mpsc::Receiver<Work>, block: bool) -> Received {
-        loop {
-            let work = if block {
-                match jobs.blocking_recv() {
-                    Some(w) => w,
-                    None => return Received::Closed,
-                }
-            } else {
-                match jobs.try_recv() {
-                    Ok(w) => w,
-                    Err(_) => return Received::Nothing,
-                }
-            };
-            match work {
-                Work::Chat(j) => return Received::Job(j),
-                Work::Encode(e) => {
-                    self.guarded(|eng| {
-                        eng.encode_upload(e);
-                        None
-                    });
-                }
-            }
-        }
-    }
-
     /// `POST /v1/images`: the image's embeddings into the cache (not encoded again if already there).
     fn encode_upload(&mut self, job: EncodeJob) {
         let n_embd = self.session.model.hp.n_embd;
         let result = (|| {
             let enc = self.encoder.as_mut().ok_or("the server has no vision encoder (start it with --mmproj)")?;
             let n_tokens = enc.model.hp.n_image_tokens();
-            if self.images.lock().expect("image cache").contains(&job.hash, n_tokens, n_embd) {
+            if self.images.contains(&job.hash, n_tokens, n_embd) {
                 return Ok(Encoded { cached: true, ms: 0.0 });
             }
             let started = Instant::now();
             let e = enc.encode_pixels(&job.pixels, 1).map_err(|e| format!("encoding the image: {e:#}"))?;
             let e = e.into_iter().next().ok_or("no embeddings")?;
             self.stats.encode_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-            self.images.lock().expect("image cache").put(&job.hash, &e);
+            self.images.put(&job.hash, &e);
             Ok(Encoded { cached: false, ms: started.elapsed().as_secs_f64() * 1e3 })
         })();
         let _ = job.reply.send(result.map_err(|e: String| e));
@@ -538,9 +531,7 @@ impl<'m> Engine<'m> {
                     let n_tokens = self.n_image_tokens;
                     // Embeddings the request brought (an uploaded image) or the cache holds are not computed again.
                     let n_embd = self.session.model.hp.n_embd;
-                    let emb = img.emb.or_else(|| {
-                        self.images.lock().expect("image cache").get(&hash, n_tokens, n_embd).map(|(e, _)| e)
-                    });
+                    let emb = img.emb.or_else(|| self.images.get(&hash, n_tokens, n_embd).map(|(e, _)| e));
                     if emb.is_some() {
                         cache_hits += 1;
                     }
@@ -814,7 +805,7 @@ impl<'m> Engine<'m> {
             bail!("{} image tokens where the vision model's parameters say {n_tokens}", e.n_tokens);
         }
         *pixels = Vec::new();
-        self.images.lock().expect("image cache").put(hash, &e);
+        self.images.put(hash, &e);
         *emb = Some(e);
         t.usage.images_encoded += 1;
         t.usage.image_encode_ms += started.elapsed().as_secs_f64() * 1e3;

@@ -35,7 +35,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::api::{self, BadRequest, ImageSource, Message, RequestLimits, Validated};
-use super::engine::{EncodeJob, Event, Job, PreparedImage, Stats, Work};
+use super::engine::{EncodeJob, Event, Job, PreparedImage, Stats};
 use super::local_file::AllowedDir;
 use super::prompt::{self, Item};
 use super::ModelInfo;
@@ -63,7 +63,9 @@ pub struct Config {
 struct AppState {
     conf: Config,
     info: ModelInfo,
-    engine: mpsc::Sender<Work>,
+    engine: mpsc::Sender<Job>,
+    /// Images to encode for `POST /v1/images` (a queue of their own, bounded: 503 beyond it).
+    uploads: mpsc::Sender<EncodeJob>,
     stats: Arc<Stats>,
     /// Requests are parsed and prepared on blocking threads, this many at once (JSON, base64, tokenizing)...
     work: Arc<Semaphore>,
@@ -78,7 +80,13 @@ struct AppState {
 #[derive(Clone, Copy)]
 struct Peer(SocketAddr);
 
-pub async fn serve(conf: Config, info: ModelInfo, engine: mpsc::Sender<Work>, stats: Arc<Stats>) -> Result<()> {
+pub async fn serve(
+    conf: Config,
+    info: ModelInfo,
+    engine: mpsc::Sender<Job>,
+    uploads: mpsc::Sender<EncodeJob>,
+    stats: Arc<Stats>,
+) -> Result<()> {
     let addr = format!("{}:{}", conf.host, conf.port);
     let listener = TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
@@ -98,6 +106,7 @@ pub async fn serve(conf: Config, info: ModelInfo, engine: mpsc::Sender<Work>, st
         conf,
         info,
         engine,
+        uploads,
         stats,
         work: Arc::new(Semaphore::new(4)),
         images: Arc::new(Semaphore::new(2)),
@@ -251,10 +260,7 @@ async fn models(State(st): State<Arc<AppState>>) -> Response {
 
 async fn stats(State(st): State<Arc<AppState>>) -> Response {
     let mut v = st.stats.to_json();
-    let (c, (n, bytes)) = {
-        let images = st.info.images.lock().expect("image cache");
-        (images.counts, images.ram_usage())
-    };
+    let (c, (n, bytes)) = { (st.info.images.counts(), st.info.images.ram_usage()) };
     v["image_cache"] = serde_json::json!({"ram_hits": c.ram_hits, "disk_hits": c.disk_hits, "misses": c.misses,
         "bad_entries": c.bad_entries, "ram_images": n, "ram_bytes": bytes});
     Json(v).into_response()
@@ -340,10 +346,11 @@ async fn upload_image(State(st): State<Arc<AppState>>, headers: HeaderMap, body:
         return answer(true, 0.0);
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
-    if let Err(e) = st.engine.try_send(Work::Encode(EncodeJob { hash, pixels, reply: tx })) {
+    if let Err(e) = st.uploads.try_send(EncodeJob { hash, pixels, reply: tx }) {
         return match e {
             mpsc::error::TrySendError::Full(_) => {
-                let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "the queue is full; retry shortly");
+                let mut r =
+                    error(StatusCode::SERVICE_UNAVAILABLE, "server_busy", "the upload queue is full; retry shortly");
                 r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 r
             }
@@ -401,7 +408,7 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
         }
     };
     st.stats.queued.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = st.engine.try_send(Work::Chat(job)) {
+    if let Err(e) = st.engine.try_send(job) {
         st.stats.queued.fetch_sub(1, Ordering::Relaxed);
         return match e {
             mpsc::error::TrySendError::Full(_) => {
@@ -452,7 +459,7 @@ fn load_image(st: &AppState, src: &ImageSource, at: &str) -> Result<(Vec<f32>, [
 /// An uploaded image, by its id: its embeddings from the image cache.
 fn uploaded(info: &ModelInfo, hash: &[u8; 32]) -> Result<PreparedImage, String> {
     let n_embd = info.n_embd;
-    let emb = info.images.lock().expect("image cache").get(hash, info.n_image_tokens, n_embd).map(|(e, _)| e);
+    let emb = info.images.get(hash, info.n_image_tokens, n_embd).map(|(e, _)| e);
     match emb {
         Some(e) => Ok(PreparedImage { hash: *hash, pixels: Vec::new(), emb: Some(e) }),
         None => Err(format!(

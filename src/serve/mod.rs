@@ -14,7 +14,7 @@ mod prompt;
 mod stop;
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
@@ -103,6 +103,9 @@ pub struct ServeArgs {
     pub decoding: DecodingArgs,
 }
 
+/// Image uploads waiting to be encoded at most (beyond: 503 with Retry-After).
+const UPLOAD_QUEUE: usize = 4;
+
 /// What the HTTP side knows of the loaded model.
 pub(crate) struct ModelInfo {
     pub name: String,
@@ -113,7 +116,7 @@ pub(crate) struct ModelInfo {
     pub n_embd: usize,
     pub preprocess: Option<PreprocessConfig>,
     /// Image embeddings, shared with the engine.
-    pub images: Arc<Mutex<ImageCache>>,
+    pub images: Arc<ImageCache>,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -138,6 +141,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
     // The engine thread opens the model (its models borrow the loaded files) and owns it from then on.
     let stats = Arc::new(Stats::default());
     let (job_tx, job_rx) = tokio::sync::mpsc::channel(a.queue);
+    // `POST /v1/images` encodes wait here, one encoded between two steps of the running answers.
+    let (upload_tx, upload_rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE);
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<ModelInfo>>(1);
     let (load, parallel, engine_stats, cache_ram) = (a.load.clone(), a.parallel, stats.clone(), a.cache_ram << 20);
     let cache_args = a.cache.clone();
@@ -164,7 +169,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     None => None,
                 };
                 let ram = usize::try_from(cache_args.image_cache_ram.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-                let images = Arc::new(Mutex::new(ImageCache::new(mmproj_id.unwrap_or([0; 32]), ram, disk)));
+                let images = Arc::new(ImageCache::new(mmproj_id.unwrap_or([0; 32]), ram, disk));
                 for line in loaded.placement_summary() {
                     eprintln!("{line}");
                 }
@@ -181,7 +186,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 let engine =
                     Engine::new(&loaded.tok, session, encoder, images, parallel, width, cache_ram, engine_stats);
                 if ready_tx.send(Ok(info)).is_ok() {
-                    engine.run(job_rx);
+                    engine.run(job_rx, upload_rx);
                 }
                 Ok(())
             })();
@@ -226,5 +231,5 @@ pub fn run(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(http::serve(conf, info, job_tx, stats))
+    rt.block_on(http::serve(conf, info, job_tx, upload_tx, stats))
 }

@@ -1,6 +1,7 @@
 //! Encoding images: preprocessing, the vision graph on a scheduler, the embeddings out.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use ggml::{Backend, Context, Scheduler, Type};
@@ -9,9 +10,10 @@ use super::model::VisionModel;
 use crate::preprocess;
 
 /// Embeddings of one image, ready for the language model.
+#[derive(Clone)]
 pub struct ImageEmbedding {
-    /// `[n_tokens, n_embd]` row-major.
-    pub data: Vec<f32>,
+    /// `[n_tokens, n_embd]` row-major; shared (the image cache and the requests using an image hold the same rows).
+    pub data: Arc<Vec<f32>>,
     pub n_tokens: usize,
     /// Vision features before the projector, `[n_tokens, vision width]` (for parity checks).
     pub features: Vec<f32>,
@@ -77,7 +79,7 @@ impl<'a> VisionEncoder<'a> {
         let (eo, ef) = (emb.len() / n_img, fts.len() / n_img);
         Ok((0..n_img)
             .map(|i| ImageEmbedding {
-                data: emb[i * eo..(i + 1) * eo].to_vec(),
+                data: Arc::new(emb[i * eo..(i + 1) * eo].to_vec()),
                 n_tokens: n_tok,
                 features: fts[i * ef..(i + 1) * ef].to_vec(),
             })
