@@ -301,7 +301,7 @@ fn embedding_difference(enc: &mut VisionEncoder<'_>, other: &str, backends: &[&g
     let ours = enc.encode_pixels(px, 1).unwrap().remove(0).data;
     let (num, den) = ours
         .iter()
-        .zip(&reference)
+        .zip(reference.iter())
         .fold((0f64, 0f64), |(n, d), (&a, &b)| (n + ((a - b) as f64).powi(2), d + (b as f64).powi(2)));
     format!("image embeddings, ours vs {other}: relative RMS difference {:.2e}", (num / den).sqrt())
 }
