@@ -1,6 +1,10 @@
 //! The memory estimate `run`, `chat` and `serve` print before loading (and refuse on) against what the process
 //! really holds once the model has filled its whole context and encoded an image. Alone in its test binary, so
 //! that no other test's memory is counted.
+//!
+//! Not run under user-mode emulation (the ARM part of CI, which sets `ASAGI_TEST_RUNNER`): there the resident
+//! memory is qemu's, translated code included, not the program's, and the 4096-cell prefill took 90 s of CI's
+//! hour. The estimate is checked natively (x86-64 CI; on a board, `cargo test --test memory`).
 
 mod common;
 
@@ -13,6 +17,10 @@ use common::fixtures;
 
 #[test]
 fn estimate_is_within_15_percent_of_the_peak_resident_memory() {
+    if std::env::var_os("ASAGI_TEST_RUNNER").is_some() {
+        eprintln!("SKIPPED: under emulation the resident memory is the emulator's (see the module comment)");
+        return;
+    }
     let dir = tempfile::tempdir().unwrap();
     let model_dir = fixtures::model_dir("base-default-f32");
     let (llm, mmproj) = common::conversion::convert(&model_dir, dir.path(), LlmType::Q8_0, MmprojType::F16).unwrap();
@@ -52,11 +60,5 @@ fn estimate_is_within_15_percent_of_the_peak_resident_memory() {
     eprintln!("estimate {} bytes, peak resident {peak} bytes: {:+.1}%", e.total(), err * 100.0);
     eprintln!("estimated parts {parts} bytes, growth after the estimate {grown} bytes: {:+.1}%", parts_err * 100.0);
     assert!(err.abs() <= 0.15, "estimate {} vs peak {peak} ({:+.1}%)", e.total(), err * 100.0);
-    if std::env::var_os("ASAGI_TEST_RUNNER").is_none() {
-        assert!(parts > e.program * 3 / 2, "the estimated parts dominate the total: {e:?}");
-    } else {
-        // Under qemu-user the resident memory includes the emulator's own (its translated-code cache grows with
-        // the code run), so the program part is larger than the model's here: the total is still compared.
-        eprintln!("emulated: program part {} bytes includes qemu", e.program);
-    }
+    assert!(parts > e.program * 3 / 2, "the estimated parts dominate the total: {e:?}");
 }
