@@ -76,6 +76,23 @@ impl<'s, 'm> Conversation<'s, 'm> {
         Ok(())
     }
 
+    /// Starts the conversation from a cached prompt prefix (`f`, whose items are the first `prefix_ids.len()`
+    /// ids of the first turn's prompt): its cells restored, those ids the history. The turn then asks with the
+    /// rest of its ids.
+    pub fn start_from_prefix(&mut self, f: &KvFile, prefix_ids: &[u32]) -> Result<()> {
+        if !self.history.is_empty() || f.items.len() != prefix_ids.len() {
+            bail!("a prefix starts a new conversation with its own items");
+        }
+        self.session.cache.clear();
+        if let Err(e) = f.restore(&mut self.session.cache, 0, f.n_pos) {
+            self.session.cache.clear();
+            return Err(e);
+        }
+        self.history = prefix_ids.to_vec();
+        self.pos = f.n_pos as i32;
+        Ok(())
+    }
+
     /// Forgets every turn.
     pub fn reset(&mut self) {
         self.session.cache.clear();

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::cache::items::{items_of, Item};
 use crate::cache::kv_file::KvFile;
 use crate::cache::prompt as prompt_cache;
-use crate::cache::{CacheArgs, Caches};
+use crate::cache::{prefix_end, CacheArgs, Caches};
 use crate::chat::{Conversation, Turn};
 use crate::load::{Loaded, ModelArgs};
 use crate::preprocess::{DecodedImage, ImageLimits};
@@ -118,23 +118,71 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 Flow::Next => continue,
             }
         }
-        // The images of this turn, from the cache or encoded now (once: their embeddings stay in the KV cache).
+        // The images of this turn: decoded (their identities), then from the caches or encoded now (once: their
+        // embeddings stay in the KV cache afterwards).
         let mut cache_report = prompt_cache::Report::default();
         let t_img = Instant::now();
         let paths = std::mem::take(&mut pending);
-        let images = match embed_all(encoder.as_mut(), &mut caches, &paths, n_embd, &mut cache_report) {
+        let decoded = match decode_all(encoder.as_ref(), &paths) {
             Ok(v) => v,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 continue;
             }
         };
+        let hashes: Vec<[u8; 32]> = decoded.iter().map(|d| d.hash).collect();
+        let ids = match conv.turn_ids(tok, line, decoded.len()) {
+            Ok(ids) => ids,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                continue;
+            }
+        };
+        let turn_items = items_of(&ids, tok.image, &hashes);
+        // A first turn whose preamble and images are a cached prefix: restored, and only the question computed.
+        let end = prefix_end(&turn_items);
+        let first = conv.n_past() == 0;
+        let prefix = match first && end > 0 && end < turn_items.len() {
+            true => caches.read_prefix(&turn_items[..end]),
+            false => None,
+        };
+        let from_prefix = match &prefix {
+            Some(f) => match conv.start_from_prefix(f, &ids[..end]) {
+                Ok(()) => true,
+                Err(e) => {
+                    eprintln!("warning: prefix cache: {e:#}; computing the prompt");
+                    conv.reset();
+                    false
+                }
+            },
+            None => false,
+        };
+        let (ask_ids, embeddings) = if from_prefix {
+            (&ids[end..], Vec::new())
+        } else {
+            match embed_all(encoder.as_mut(), &mut caches, &decoded, n_embd, &mut cache_report) {
+                Ok(v) => (&ids[..], v),
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    continue;
+                }
+            }
+        };
         let image_ms = t_img.elapsed().as_secs_f64() * 1e3;
-        let (turn_hashes, embeddings): (Vec<[u8; 32]>, Vec<ImageEmbedding>) = images.into_iter().unzip();
-        match answer(&mut conv, tok, line, &embeddings, &cfg, args.json) {
-            Ok((ids, turn)) => {
+        match answer(&mut conv, tok, ask_ids, &embeddings, &cfg, args.json) {
+            Ok(turn) => {
                 turn_no += 1;
-                items.extend(items_of(&ids, tok.image, &turn_hashes));
+                // The prefix for the next conversation about these images (written after the answer).
+                if first && end > 0 && !from_prefix && end < turn_items.len() {
+                    match prompt_cache::write_prefix(conv.session, &caches, &turn_items[..end]) {
+                        Ok(saved) => cache_report.prefix_saved = saved,
+                        Err(e) => eprintln!("warning: prefix cache: {e:#}"),
+                    }
+                }
+                if from_prefix {
+                    cache_report.restored_from = Some("prefix cache");
+                }
+                items.extend(turn_items);
                 items.extend(turn.answer.tokens.iter().map(|&t| Item::Token(t)));
                 report(tok, turn_no, &ids, &turn, image_ms, &cache_report, args.json)?;
                 if let Some(path) = &args.session {
@@ -143,7 +191,12 @@ pub fn run(args: ChatArgs) -> Result<()> {
                     }
                 }
             }
-            Err(e) => eprintln!("error: {e:#}"),
+            Err(e) => {
+                if from_prefix {
+                    conv.reset(); // the restored prefix was this failed turn's
+                }
+                eprintln!("error: {e:#}");
+            }
         }
     }
     Ok(())
@@ -182,46 +235,44 @@ fn command(cmd: &str, conv: &mut Conversation<'_, '_>, pending: &mut Vec<PathBuf
     Flow::Next
 }
 
-/// The embeddings of the attached images, from the cache or the encoder (a spinner meanwhile), with their
-/// identities.
+/// Decodes the attached images (their identities; the resize waits for a cache miss).
+fn decode_all(encoder: Option<&VisionEncoder<'_>>, paths: &[PathBuf]) -> Result<Vec<DecodedImage>> {
+    let Some(enc) = encoder else { return Ok(Vec::new()) };
+    paths.iter().map(|p| DecodedImage::open(p, &enc.model.hp.preprocess, &ImageLimits::default())).collect()
+}
+
+/// The embeddings of the attached images, from the cache or the encoder (a spinner meanwhile).
 fn embed_all(
     encoder: Option<&mut VisionEncoder<'_>>,
     caches: &mut Caches,
-    paths: &[PathBuf],
+    images: &[DecodedImage],
     n_embd: usize,
     report: &mut prompt_cache::Report,
-) -> Result<Vec<([u8; 32], ImageEmbedding)>> {
+) -> Result<Vec<ImageEmbedding>> {
     let Some(enc) = encoder else { return Ok(Vec::new()) };
-    let spin = if paths.is_empty() { None } else { crate::progress::spinner("encoding images") };
-    let images = paths
-        .iter()
-        .map(|p| {
-            let img = DecodedImage::open(p, &enc.model.hp.preprocess, &ImageLimits::default())?;
-            Ok((img.hash, prompt_cache::embed(caches, enc, n_embd, &img, report)?))
-        })
-        .collect();
+    let spin = if images.is_empty() { None } else { crate::progress::spinner("encoding images") };
+    let out = images.iter().map(|img| prompt_cache::embed(caches, enc, n_embd, img, report)).collect();
     if let Some(s) = spin {
         s.finish_and_clear();
     }
-    images
+    out
 }
 
-/// One question: its prompt prefilled on the kept cache (a progress bar for long ones), the answer streamed to
-/// stdout unless `json`. Returns the turn's prompt ids and what the turn did.
+/// One question: its prompt `ids` (with `images` at their `<image>` tokens) prefilled on the kept cache (a
+/// progress bar for long ones), the answer streamed to stdout unless `json`.
 fn answer(
     conv: &mut Conversation<'_, '_>,
     tok: &Tokenizer,
-    question: &str,
+    ids: &[u32],
     images: &[ImageEmbedding],
     cfg: &GenerationConfig,
     json: bool,
-) -> Result<(Vec<u32>, Turn)> {
-    let ids = conv.turn_ids(tok, question, images.len())?;
+) -> Result<Turn> {
     let n_positions = ids.len() + images.iter().map(|i| i.n_tokens.saturating_sub(1)).sum::<usize>();
     conv.session.set_progress(crate::progress::prompt_progress(n_positions));
     let mut stream = tok.stream(true);
     let mut stdout = std::io::stdout().lock();
-    let turn = conv.ask(&ids, tok.image, images, cfg, crate::interrupt::flag(), |id| {
+    let turn = conv.ask(ids, tok.image, images, cfg, crate::interrupt::flag(), |id| {
         if !json {
             stdout.write_all(stream.push(id)?.as_bytes())?;
             stdout.flush()?;
@@ -233,7 +284,7 @@ fn answer(
         // An unfinished character the stream held back at the end.
         stdout.write_all(stream.flush()?.as_bytes())?;
     }
-    Ok((ids, turn?))
+    turn
 }
 
 /// The answer's end: a JSON object (with `--json`) or a newline on stdout, and a timing line on stderr.
@@ -260,6 +311,7 @@ fn report(
                 "ttft_ms": ttft_ms},
             "cache": {"images": cache.images, "images_encoded": cache.images_encoded,
                 "image_cache_hits": cache.image_ram_hits + cache.image_disk_hits,
+                "restored_from": cache.restored_from, "prefix_saved": cache.prefix_saved,
                 "kept_positions": turn.n_past, "prefill_positions": turn.prompt_positions},
         });
         writeln!(stdout, "{out}")?;

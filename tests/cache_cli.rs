@@ -122,13 +122,17 @@ fn a_session_file_spares_the_same_prompt_and_refuses_another_model() {
 
 /// `chat --json --session FILE` with `lines` on stdin: one JSON object per answer.
 fn chat(llm: &Path, mm: &Path, session: &Path, lines: &str) -> Vec<Value> {
+    chat_with(llm, mm, &[std::ffi::OsStr::new("--session"), session.as_os_str()], lines)
+}
+
+/// `chat --json ARGS` with `lines` on stdin.
+fn chat_with(llm: &Path, mm: &Path, args: &[&std::ffi::OsStr], lines: &str) -> Vec<Value> {
     let mut child = common::asagi_gguf()
         .args(["chat", "--json", "-t", "2", "--greedy", "-n", "6", "-c", "1024", "--mmproj"])
         .arg(mm)
         .arg("-m")
         .arg(llm)
-        .arg("--session")
-        .arg(session)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -199,4 +203,22 @@ fn serve_takes_an_uploaded_image_by_its_id() {
     assert_eq!(status, 400, "{v}");
     let (status, v) = upload(&json!({"url": "data:image/png;base64,AAAA"}));
     assert_eq!(status, 400, "{v}");
+}
+
+#[test]
+fn chat_starts_from_a_cached_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mm) = common::conversion::base_f32(dir.path());
+    let img = image();
+    let cache = dir.path().join("cache");
+    let with_cache = [std::ffi::OsStr::new("--image-cache"), cache.as_os_str()];
+    let plain = chat_with(&llm, &mm, &[], &format!("/image {}\n{Q2}\n", img.display()));
+    let first = chat_with(&llm, &mm, &with_cache, &format!("/image {}\n{Q1}\n", img.display()));
+    assert_eq!(first[0]["cache"]["prefix_saved"], true, "{}", first[0]);
+    let second = chat_with(&llm, &mm, &with_cache, &format!("/image {}\n{Q2}\n", img.display()));
+    let c = &second[0]["cache"];
+    assert_eq!((&c["restored_from"], &c["images_encoded"]), (&json!("prefix cache"), &json!(0)), "{c}");
+    assert!(c["prefill_positions"].as_u64().unwrap() < 20, "only the question computed: {c}");
+    assert_eq!(second[0]["prompt_tokens"], plain[0]["prompt_tokens"]);
+    assert_eq!(second[0]["tokens"], plain[0]["tokens"], "the answer of a chat without the cache");
 }

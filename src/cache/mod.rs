@@ -8,8 +8,8 @@
 //! - saved sessions (`--session FILE`, [`kv_file`] too): a prompt and its answer's cells, restored as far as a
 //!   later prompt starts with the same items.
 //!
-//! [`prompt`] puts them together for `run` and `encode`; `chat` uses the embeddings and sessions, `serve` the
-//! embeddings (its prompt prefixes stay in RAM, in its slots). Everything read back is checked whole; a bad or
+//! [`prompt`] puts them together for `run` and `encode`; `chat` uses the embeddings, sessions and a first turn's
+//! prefix, `serve` the embeddings (its prompt prefixes stay in RAM, in its slots). Everything read back is checked whole; a bad or
 //! foreign entry is recomputed, never trusted ([`store`], [`identity`]).
 
 pub mod identity;
@@ -44,8 +44,8 @@ pub struct CacheArgs {
     /// Megabytes of image embeddings kept in RAM (least recently used out first).
     #[arg(long, value_name = "MB", default_value_t = 256)]
     pub image_cache_ram: u64,
-    /// Keep only image embeddings in the cache folder, not the prompt prefixes' KV cells (`run`, `encode`; `chat`
-    /// and `serve` never write prefixes).
+    /// Keep only image embeddings in the cache folder, not the prompt prefixes' KV cells (`serve` keeps its
+    /// prefixes in RAM only).
     #[arg(long)]
     pub no_prefix_cache: bool,
 }

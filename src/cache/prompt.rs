@@ -1,5 +1,6 @@
-//! A prompt through the caches, for `run` and `encode` (`chat` takes image embeddings and sessions): restore what a
-//! saved session or a cached prefix holds, fetch or encode the images the rest needs, prefill the rest.
+//! A prompt through the caches, for `run` and `encode` (`chat` restores a first turn's prefix itself, through
+//! `Caches::read_prefix` and `write_prefix`): restore what a saved session or a cached prefix holds, fetch or encode
+//! the images the rest needs, prefill the rest.
 //!
 //! Restored cells go where a prefill of the same positions would put them (cells `0..n` of an empty cache). After a
 //! prefix (which ends after an image) the rest is computed in the same pieces as without a cache, so the logits are
@@ -214,19 +215,22 @@ pub fn prefill(
 /// only relabels cells after the prompt). A failure is a warning: the answer does not depend on it.
 pub fn save_prefix(session: &Session<'_>, caches: &Caches, prefilled: &mut Prefilled) {
     let Some(end) = prefilled.unsaved_prefix.take() else { return };
-    let items = &prefilled.items[..end];
-    let Some((disk, _)) = caches.prefix_path(items) else { return };
     let t = Instant::now();
-    let key = caches.prefix_key(items);
-    let snap = Snapshot { items, n_prompt_items: 0, logits: &[], cache: &session.cache, seq: 0 };
-    let written = snap
-        .len(&caches.expect)
-        .and_then(|len| disk.write(super::store::Kind::Prefix, &key, len, |w| snap.write(&caches.expect, w)));
-    match written {
+    match write_prefix(session, caches, &prefilled.items[..end]) {
         Ok(saved) => prefilled.report.prefix_saved = saved,
         Err(e) => eprintln!("warning: prefix cache: {e:#}"),
     }
     prefilled.report.prefix_save_ms = t.elapsed().as_secs_f64() * 1e3;
+}
+
+/// Writes the prefix entry of `items` (their cells held by sequence 0 at positions `0..`); false when prefixes
+/// are not cached or the entry is larger than the whole cache.
+pub fn write_prefix(session: &Session<'_>, caches: &Caches, items: &[Item]) -> Result<bool> {
+    let Some((disk, _)) = caches.prefix_path(items) else { return Ok(false) };
+    let key = caches.prefix_key(items);
+    let snap = Snapshot { items, n_prompt_items: 0, logits: &[], cache: &session.cache, seq: 0 };
+    let len = snap.len(&caches.expect)?;
+    disk.write(super::store::Kind::Prefix, &key, len, |w| snap.write(&caches.expect, w))
 }
 
 /// Saves sequence 0 of `session` as a session file: `items` (the prompt and what was generated after it, as far
