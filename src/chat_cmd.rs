@@ -63,10 +63,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let mut session = loaded.session(&model, &backends)?;
     let n_embd = model.hp.n_embd;
     let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
-    let on_disk = args.cache.image_cache.is_some() || args.session.is_some();
-    let (llm_id, mm_id) = if on_disk { loaded.identities()? } else { ([0; 32], None) };
     let n_image_tokens = vmodel.as_ref().map_or(0, |v| v.hp.n_image_tokens());
-    let mut caches = Caches::open(&args.cache, llm_id, mm_id, &session, n_image_tokens)?;
+    let caches = Caches::for_loaded(&args.cache, &loaded, &session, n_image_tokens, args.session.is_some())?;
     let mut conv = Conversation::new(&mut session);
     // The conversation as cache items (each turn's prompt with its images' identities, each answer's tokens): what
     // a session file holds.
@@ -160,7 +158,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         let (ask_ids, embeddings) = if from_prefix {
             (&ids[end..], Vec::new())
         } else {
-            match embed_all(encoder.as_mut(), &mut caches, &decoded, n_embd, &mut cache_report) {
+            match embed_all(encoder.as_mut(), &caches, &decoded, n_embd, &mut cache_report) {
                 Ok(v) => (&ids[..], v),
                 Err(e) => {
                     eprintln!("error: {e:#}");
@@ -244,7 +242,7 @@ fn decode_all(encoder: Option<&VisionEncoder<'_>>, paths: &[PathBuf]) -> Result<
 /// The embeddings of the attached images, from the cache or the encoder (a spinner meanwhile).
 fn embed_all(
     encoder: Option<&mut VisionEncoder<'_>>,
-    caches: &mut Caches,
+    caches: &Caches,
     images: &[DecodedImage],
     n_embd: usize,
     report: &mut prompt_cache::Report,

@@ -44,8 +44,7 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     let backends = loaded.backends();
     let mut session = loaded.session(&model, &backends)?;
     let mut encoder = VisionEncoder::new(&vmodel, &backends)?;
-    let (llm_id, mm_id) = loaded.identities()?;
-    let mut caches = Caches::open(&args.cache, llm_id, mm_id, &session, vmodel.hp.n_image_tokens())?;
+    let caches = Caches::for_loaded(&args.cache, &loaded, &session, vmodel.hp.n_image_tokens(), false)?;
     // The template's tokens up to its image: the same for every question.
     let ids = tok.encode(&asagi_prompt("", 1), true)?;
     let end = prefix_end(&crate::cache::items::items_of(&ids, tok.image, &[[0; 32]]));
@@ -64,7 +63,7 @@ pub fn run(args: EncodeArgs) -> Result<()> {
         }
         let mut pre = prompt_cache::prefill(
             &mut session,
-            &mut caches,
+            &caches,
             Some(&mut encoder),
             prefix,
             tok.image,

@@ -151,11 +151,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     let backends = loaded.backends();
     let mut session = loaded.session(&model, &backends)?;
     let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
-    // File identities key the disk caches; without them (nothing on disk) they are not computed.
-    let on_disk = args.cache.image_cache.is_some() || args.session.is_some();
-    let (llm_id, mm_id) = if on_disk { loaded.identities()? } else { ([0; 32], None) };
     let n_image_tokens = vmodel.as_ref().map_or(0, |v| v.hp.n_image_tokens());
-    let mut caches = Caches::open(&args.cache, llm_id, mm_id, &session, n_image_tokens)?;
+    let caches = Caches::for_loaded(&args.cache, &loaded, &session, n_image_tokens, args.session.is_some())?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
 
     let text = match (&args.prompt, &args.raw_prompt) {
@@ -200,7 +197,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let t_prompt = Instant::now();
     let mut pre = prompt_cache::prefill(
         &mut session,
-        &mut caches,
+        &caches,
         encoder.as_mut(),
         &prompt,
         tok.image,

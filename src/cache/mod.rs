@@ -25,6 +25,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use crate::llm::Session;
+use crate::load::Loaded;
 use image::ImageCache;
 use items::Item;
 use kv_file::Expect;
@@ -58,7 +59,8 @@ impl Default for CacheArgs {
 
 /// The caches of one loaded model.
 pub struct Caches {
-    pub images: ImageCache,
+    /// Shared with `serve`'s HTTP side.
+    pub images: Arc<ImageCache>,
     disk: Option<Arc<DiskStore>>,
     prefixes: bool,
     /// What KV files must match (this model, this cache type).
@@ -66,6 +68,23 @@ pub struct Caches {
 }
 
 impl Caches {
+    /// Opens the caches for a loaded model and its session. The files' identities (which key everything on disk)
+    /// are computed only when something is read from or written to disk: a cache folder, or a session file
+    /// (`session_file`).
+    pub fn for_loaded(
+        args: &CacheArgs,
+        loaded: &Loaded,
+        session: &Session<'_>,
+        n_image_tokens: usize,
+        session_file: bool,
+    ) -> Result<Caches> {
+        let (llm, mmproj) = match args.image_cache.is_some() || session_file {
+            true => loaded.identities()?,
+            false => ([0; 32], None),
+        };
+        Caches::open(args, llm, mmproj, session, n_image_tokens)
+    }
+
     /// Opens the caches for the language model and mmproj file of identities `llm`, `mmproj` and a session's
     /// cache.
     pub fn open(
@@ -81,12 +100,12 @@ impl Caches {
             None => None,
         };
         let ram = usize::try_from(mb(args.image_cache_ram)).unwrap_or(usize::MAX);
-        let images = ImageCache::new(mmproj.unwrap_or([0; 32]), ram, disk.clone());
+        let images = Arc::new(ImageCache::new(mmproj.unwrap_or([0; 32]), ram, disk.clone()));
         let hp = &session.model.hp;
         let expect = Expect {
             llm,
             mmproj,
-            cache_type: session.cache.ty() as u32,
+            cache_type: session.cache.ty().to_sys() as u32,
             n_layer: hp.n_layer,
             n_embd_kv: hp.n_embd_kv(),
             row_bytes: session.cache.row_bytes(),

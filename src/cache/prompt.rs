@@ -72,7 +72,7 @@ pub struct Prefilled {
 
 /// The embeddings of `img`, from the cache or the encoder (then cached).
 pub fn embed(
-    caches: &mut Caches,
+    caches: &Caches,
     encoder: &mut VisionEncoder<'_>,
     n_embd: usize,
     img: &DecodedImage,
@@ -106,7 +106,7 @@ pub fn embed(
 #[allow(clippy::too_many_arguments)]
 pub fn prefill(
     session: &mut Session<'_>,
-    caches: &mut Caches,
+    caches: &Caches,
     encoder: Option<&mut VisionEncoder<'_>>,
     ids: &[u32],
     image_token: Option<u32>,

@@ -20,8 +20,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 
 use crate::cache::image::ImageCache;
-use crate::cache::store::DiskStore;
-use crate::cache::CacheArgs;
+use crate::cache::{CacheArgs, Caches};
 use crate::llm::MAX_SEQ;
 use crate::load::{Loaded, ModelArgs};
 use crate::preprocess::{ImageLimits, PreprocessConfig};
@@ -158,18 +157,8 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 let backends = loaded.backends();
                 let session = loaded.session(&model, &backends)?;
                 let encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
-                let mmproj_id = match cache_args.image_cache.is_some() {
-                    true => loaded.identities()?.1,
-                    false => None,
-                };
-                let disk = match &cache_args.image_cache {
-                    Some(dir) => {
-                        Some(Arc::new(DiskStore::open(dir, cache_args.image_cache_size.saturating_mul(1 << 20))?))
-                    }
-                    None => None,
-                };
-                let ram = usize::try_from(cache_args.image_cache_ram.saturating_mul(1 << 20)).unwrap_or(usize::MAX);
-                let images = Arc::new(ImageCache::new(mmproj_id.unwrap_or([0; 32]), ram, disk));
+                let n_image_tokens = encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens());
+                let images = Caches::for_loaded(&cache_args, &loaded, &session, n_image_tokens, false)?.images;
                 for line in loaded.placement_summary() {
                     eprintln!("{line}");
                 }
@@ -178,7 +167,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     name,
                     tok,
                     n_ctx: session.cache.n_cells(),
-                    n_image_tokens: encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens()),
+                    n_image_tokens,
                     n_embd: model.hp.n_embd,
                     preprocess: encoder.as_ref().map(|e| e.model.hp.preprocess.clone()),
                     images: images.clone(),
