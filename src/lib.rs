@@ -13,6 +13,7 @@ pub mod chat_cmd;
 pub mod convert_cmd;
 pub mod demo_cmd;
 pub mod encode_cmd;
+pub mod fuzz;
 pub mod generate;
 pub mod info;
 pub mod interrupt;

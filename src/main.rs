@@ -35,7 +35,7 @@ enum Command {
     Tokenize(asagi_gguf::tokenize_cmd::TokenizeArgs),
     /// Write a random-weight Hugging Face Asagi checkpoint of a real size (or a tiny one), for benchmarks and demos.
     Synth {
-        /// 2b, 4b, 8b, 14b or tiny.
+        /// 2b, 4b, 8b, 14b, tiny, micro or fullwidth.
         #[arg(long, default_value = "tiny")]
         size: String,
         /// Output folder.
@@ -47,6 +47,9 @@ enum Command {
         /// Write into a non-empty folder.
         #[arg(long)]
         force: bool,
+        /// Largest shard in MB (more shards and model.safetensors.index.json above it, as the hub's).
+        #[arg(long, default_value_t = 4096)]
+        shard_mb: usize,
     },
     /// Print a GGUF file's metadata and tensor table.
     Info {
@@ -68,10 +71,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo(args) => asagi_gguf::demo_cmd::run(args)?,
         Command::Encode(args) => asagi_gguf::encode_cmd::run(args)?,
         Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
-        Command::Synth { size, out, seed, force } => {
+        Command::Synth { size, out, seed, force, shard_mb } => {
             let t0 = std::time::Instant::now();
             let s = asagi_gguf::synth::size(&size)?;
-            let bytes = asagi_gguf::synth::write(&s, &out, seed, force)?;
+            let bytes = asagi_gguf::synth::write_sharded(&s, &out, seed, force, shard_mb.max(1) << 20)?;
             eprintln!(
                 "wrote {} ({} bf16 checkpoint, {:.2} GB) in {:.1} s",
                 out.display(),

@@ -111,6 +111,11 @@ impl Tokenizer {
         self.n_vocab
     }
 
+    /// The byte of a byte-fallback token (`<0xE3>` -> 0xE3); `None` for any other id.
+    pub fn byte_of(&self, id: u32) -> Option<u8> {
+        self.byte.get(id as usize).copied().flatten()
+    }
+
     /// The byte-fallback token of byte `b` (`<0xE3>`), if the vocabulary has one.
     pub fn byte_token(&self, b: u8) -> Option<u32> {
         self.byte.iter().position(|&x| x == Some(b)).map(|i| i as u32)

@@ -10,7 +10,7 @@ pub mod api;
 mod engine;
 mod http;
 pub mod local_file;
-mod prompt;
+pub mod prompt;
 mod stop;
 
 use std::path::PathBuf;

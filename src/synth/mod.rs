@@ -82,6 +82,24 @@ pub const SIZES: &[Size] = &[
         image_size: 56,
         max_positions: 1024,
     },
+    // Fuzzing seeds and reference (src/fuzz): the same structure at a few hundred KB, so a fuzzer mutates whole
+    // files quickly; 28 px images are 2 x 2 patches.
+    Size {
+        name: "micro",
+        hidden: 64,
+        n_layer: 1,
+        n_head: 2,
+        ffn: 128,
+        projector: 64,
+        tokenizer_len: 300,
+        vocab_rows: 320,
+        v_hidden: 32,
+        v_layers: 2,
+        v_heads: 2,
+        v_ffn: 48,
+        image_size: 28,
+        max_positions: 64,
+    },
     // The fidelity fixture: Asagi-2B's widths and vocabulary (head 128, ids above 65535) and the full SigLIP
     // so400m tower at 384 px, but 2 LM layers and 3 vision layers (feature layer -2 uses 2): ~0.9 GB bf16.
     Size { n_layer: 2, v_layers: 3, ..asagi("fullwidth", 2048, 24, 16, 7168, 2048) },
@@ -144,8 +162,14 @@ pub fn tensors(s: &Size) -> Vec<(String, Vec<usize>)> {
     t
 }
 
-/// Writes the checkpoint of size `s` into `out` (created; must be empty or absent unless `force`).
+/// Writes the checkpoint of size `s` into `out` (created; must be empty or absent unless `force`), in shards of
+/// at most 4 GiB.
 pub fn write(s: &Size, out: &Path, seed: u64, force: bool) -> Result<u64> {
+    write_sharded(s, out, seed, force, 4 << 30)
+}
+
+/// As [`write`], with shards of at most `max_shard_bytes` (one tensor per shard at least).
+pub fn write_sharded(s: &Size, out: &Path, seed: u64, force: bool, max_shard_bytes: usize) -> Result<u64> {
     if out.exists() && std::fs::read_dir(out)?.next().is_some() && !force {
         bail!("{} exists and is not empty (use --force)", out.display());
     }
@@ -197,7 +221,7 @@ pub fn write(s: &Size, out: &Path, seed: u64, force: bool) -> Result<u64> {
     tokenizer::write(out, s.tokenizer_len)?;
 
     let all = tensors(s);
-    let mut w = ShardedWriter::new(out, 4 << 30);
+    let mut w = ShardedWriter::new(out, max_shard_bytes);
     for (name, shape) in &all {
         w.plan(name, shape);
     }
