@@ -128,7 +128,16 @@ impl Tokenizer {
         let anchor = self.encode("a", false).ok().and_then(|ids| ids.first().copied()).filter(|&a| !self.is_special(a));
         // Decoded once here, not at every step.
         let anchor = anchor.and_then(|a| Some((a, self.decode(&[a], skip_special).ok()?)));
-        StreamDecoder { tok: self, anchor, ids: Vec::new(), prefix: 0, read: 0, emitted: String::new(), skip_special }
+        StreamDecoder {
+            tok: self,
+            anchor,
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            first_text: None,
+            emitted: String::new(),
+            skip_special,
+        }
     }
 }
 
@@ -161,6 +170,9 @@ pub struct StreamDecoder<'t> {
     /// The window is `ids[prefix..]`; `ids[prefix..read]` were released by the previous step.
     prefix: usize,
     read: usize,
+    /// The first id that decodes to something (not skipped as special or out of the vocabulary): the decoder
+    /// strips the first space of the text there, and nowhere after.
+    first_text: Option<usize>,
     emitted: String,
     skip_special: bool,
 }
@@ -168,6 +180,10 @@ pub struct StreamDecoder<'t> {
 impl StreamDecoder<'_> {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
+        let skipped = id as usize >= self.tok.n_vocab || (self.skip_special && self.tok.is_special(id));
+        if self.first_text.is_none() && !skipped {
+            self.first_text = Some(self.ids.len() - 1);
+        }
         if self.unfinished_character() {
             return Ok(String::new());
         }
@@ -202,11 +218,12 @@ impl StreamDecoder<'_> {
         Ok(new)
     }
 
-    /// The text of `ids[from..to]` as it reads inside the answer: with the anchor in front, then cut off, once
-    /// text has been released (before that the decoder's strip of the first space is wanted).
+    /// The text of `ids[from..to]` as it reads inside the answer: with the anchor in front, then cut off, once the
+    /// text has started before `from` (up to there, the decoder's strip of the first space is wanted; a lone `▁`
+    /// starts the text though it decodes to nothing).
     fn decode(&self, from: usize, to: usize) -> Result<String> {
         let skip = self.skip_special;
-        match self.anchor.as_ref().filter(|_| from > 0 && !self.emitted.is_empty()) {
+        match self.anchor.as_ref().filter(|_| self.first_text.is_some_and(|i| i < from)) {
             None => self.tok.decode(&self.ids[from..to], skip),
             Some((a, head)) => {
                 let ids: Vec<u32> = std::iter::once(*a).chain(self.ids[from..to].iter().copied()).collect();

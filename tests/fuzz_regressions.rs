@@ -30,11 +30,14 @@ fn run(target: &str) {
         dirs.push(root().join("tests/fixtures/images"));
         dirs.push(root().join("tests/fixtures/hostile"));
     }
+    let seeds = root().join("fuzz/seeds").join(target);
     let mut n = 0;
     for path in dirs.iter().flat_map(|d| files(d)) {
         let data = std::fs::read(&path).unwrap();
-        eprintln!("{target}: {} ({} bytes)", path.display(), data.len());
-        f.run(target, &data);
+        let accepted = f.run(target, &data);
+        eprintln!("{target}: {} ({} bytes): {}", path.display(), data.len(), if accepted { "accepted" } else { "refused" });
+        // The seeds are valid inputs: accepting them shows the oracle ran.
+        assert!(accepted || !path.starts_with(&seeds), "seed {} refused", path.display());
         n += 1;
     }
     assert!(n >= 2, "{target}: only {n} inputs found under {dirs:?}");

@@ -213,10 +213,18 @@ pub fn write(c: &Conversion, opts: &Options, cancel: &AtomicBool) -> Result<Vec<
         .expect("valid template"),
     );
     let mut written = Vec::new();
+    let mut parts = Vec::new();
     for p in [&c.llm, &c.mmproj] {
         let t0 = Instant::now();
-        let bytes = write::write_file(&c.checkpoint, p, opts.threads, &bar, cancel)?;
+        let (part, bytes) = write::write_file(&c.checkpoint, p, opts.threads, &bar, cancel)?;
+        parts.push(part);
         written.push(Written { path: p.path.clone(), bytes, seconds: t0.elapsed().as_secs_f64() });
+    }
+    // Both files are complete and synced before either gets its name, so an interrupted conversion (Ctrl-C, a
+    // kill, a full disk, an unreadable shard) leaves no .gguf, only .part files that the next run overwrites.
+    // The language model last: its presence means the pair is whole.
+    for (part, w) in parts.into_iter().zip(&written).rev() {
+        part.commit(&w.path)?;
     }
     bar.finish_and_clear();
     Ok(written)

@@ -1,5 +1,5 @@
 //! Executes a `FilePlan`: streams tensors from the checkpoint, rearranges and quantizes them in parallel, chunk by
-//! chunk, and writes `<file>.part`, renamed to the final name only when complete.
+//! chunk, and writes `<file>.part`, renamed to the final name only when complete (`PartFile::commit`).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -16,10 +16,24 @@ use crate::plan::{FilePlan, TensorPlan};
 /// Values converted per thread per step (16 MiB of f32): bounds memory whatever the tensor size.
 const CHUNK_VALUES: usize = 4 << 20;
 
-/// Removes the temporary file unless the write completed.
-struct PartFile {
+/// A `.part` file: removed when dropped, unless `commit` gave it its final name.
+pub struct PartFile {
     path: PathBuf,
     done: bool,
+}
+
+impl PartFile {
+    /// Renames the complete, synced file to `to`.
+    pub fn commit(mut self, to: &Path) -> Result<()> {
+        std::fs::rename(&self.path, to)
+            .with_context(|| format!("cannot rename {} to {}", self.path.display(), to.display()))?;
+        self.done = true;
+        // The rename itself reaches the disk with the folder's entry.
+        if let Some(dir) = to.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) {
+            let _ = File::open(dir).and_then(|d| d.sync_all());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for PartFile {
@@ -30,14 +44,14 @@ impl Drop for PartFile {
     }
 }
 
-/// Writes `plan` to its path through a `.part` file; returns the final size.
+/// Writes `plan` to its `.part` file, synced to disk; returns it (for `commit`) and its size.
 pub fn write_file(
     ckpt: &Checkpoint,
     plan: &FilePlan,
     threads: usize,
     bar: &ProgressBar,
     cancel: &AtomicBool,
-) -> Result<u64> {
+) -> Result<(PartFile, u64)> {
     let mut w = GgufWriter::new(plan.tensors.len())?;
     for (k, v) in &plan.keys {
         w.set(k, v.clone()).with_context(|| format!("key {k}"))?;
@@ -65,11 +79,7 @@ pub fn write_file(
     let file = out.into_inner().map_err(|e| anyhow!("cannot write {}: {}", part.path.display(), e.error()))?;
     file.sync_all().with_context(|| format!("cannot flush {}", part.path.display()))?;
     drop(file);
-    std::fs::rename(&part.path, &plan.path)
-        .with_context(|| format!("cannot rename {} to {}", part.path.display(), plan.path.display()))?;
-    let mut part = part;
-    part.done = true;
-    Ok(size)
+    Ok((part, size))
 }
 
 /// `x.gguf` -> `x.gguf.part`.

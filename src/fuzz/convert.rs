@@ -62,8 +62,8 @@ fn unpack(mut data: &[u8]) -> Vec<(&'static str, &[u8])> {
 }
 
 impl Fuzzer {
-    pub fn convert(&self, data: &[u8]) {
-        let Some((&flags, records)) = data.split_first() else { return };
+    pub fn convert(&self, data: &[u8]) -> bool {
+        let Some((&flags, records)) = data.split_first() else { return false };
         let dir = self.path("checkpoint");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("scratch folder writable");
@@ -74,10 +74,12 @@ impl Fuzzer {
         let (llm_out, mm_out) = (self.path("out-llm.gguf"), self.path("out-mmproj.gguf"));
         let _ = std::fs::remove_file(&llm_out);
         let _ = std::fs::remove_file(&mm_out);
-        if convert(&dir, llm, mm, &llm_out, &mm_out).is_ok() {
-            if let Err(e) = check_runs(&llm_out, Some(&mm_out)) {
-                panic!("the converter accepted the checkpoint, but the runtime refuses its output: {e:#}");
-            }
+        if convert(&dir, llm, mm, &llm_out, &mm_out).is_err() {
+            return false;
         }
+        if let Err(e) = check_runs(&llm_out, Some(&mm_out)) {
+            panic!("the converter accepted the checkpoint, but the runtime refuses its output: {e:#}");
+        }
+        true
     }
 }

@@ -9,8 +9,8 @@
 use super::Fuzzer;
 
 impl Fuzzer {
-    pub fn detokenize(&self, data: &[u8]) {
-        let Some((&flags, rest)) = data.split_first() else { return };
+    pub fn detokenize(&self, data: &[u8]) -> bool {
+        let Some((&flags, rest)) = data.split_first() else { return false };
         let tok = &self.reference().tok;
         let skip_special = flags & 1 == 1;
         let ids: Vec<u32> = rest.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect();
@@ -21,7 +21,7 @@ impl Fuzzer {
                 Ok(piece) => streamed.push_str(&piece),
                 Err(_) => {
                     assert!(id as usize >= tok.n_vocab(), "push({id}) failed for an id in the vocabulary");
-                    return;
+                    return false;
                 }
             }
         }
@@ -34,5 +34,6 @@ impl Fuzzer {
             let whole = tok.decode(&ids, skip_special).expect("ids in the vocabulary decode");
             assert_eq!(streamed, whole, "streamed vs whole decode of {ids:?}");
         }
+        true
     }
 }

@@ -17,11 +17,12 @@ use crate::vision::VisionEncoder;
 const N_CTX: usize = 64;
 
 impl Fuzzer {
-    pub fn gguf(&self, data: &[u8]) {
-        let Some((&role, file)) = data.split_first() else { return };
+    pub fn gguf(&self, data: &[u8]) -> bool {
+        let Some((&role, file)) = data.split_first() else { return false };
         let path = self.path("input.gguf");
         std::fs::write(&path, file).expect("scratch folder writable");
-        let _ = if role & 1 == 0 { check_runs(&path, None) } else { check_runs(&self.reference().llm, Some(&path)) };
+        let r = if role & 1 == 0 { check_runs(&path, None) } else { check_runs(&self.reference().llm, Some(&path)) };
+        r.is_ok()
     }
 }
 

@@ -14,12 +14,12 @@ fn limits() -> ImageLimits {
     ImageLimits { max_pixels: 1 << 22, max_bytes: 96 << 20, max_resize_ops: 200_000_000 }
 }
 
-pub fn run(data: &[u8]) {
+pub fn run(data: &[u8]) -> bool {
     let cfg = PreprocessConfig::siglip(SIZE);
-    if let Ok((px, _hash)) = preprocess::preprocess_bytes_limited(data, "input", &cfg, &limits()) {
-        assert_eq!(px.len(), 3 * SIZE * SIZE, "pixel_values of an accepted image");
-        if let Some(v) = px.iter().find(|v| !(-1.0..=1.0).contains(*v)) {
-            panic!("pixel value {v} outside [-1, 1]");
-        }
+    let Ok((px, _hash)) = preprocess::preprocess_bytes_limited(data, "input", &cfg, &limits()) else { return false };
+    assert_eq!(px.len(), 3 * SIZE * SIZE, "pixel_values of an accepted image");
+    if let Some(v) = px.iter().find(|v| !(-1.0..=1.0).contains(*v)) {
+        panic!("pixel value {v} outside [-1, 1]");
     }
+    true
 }

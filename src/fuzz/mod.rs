@@ -40,8 +40,9 @@ impl Fuzzer {
         Ok(Fuzzer { dir: tempfile::Builder::new().prefix("asagi-fuzz-").tempdir()?, reference: OnceLock::new() })
     }
 
-    /// Runs target `name` on `data`.
-    pub fn run(&self, name: &str, data: &[u8]) {
+    /// Runs target `name` on `data`; true if the input was accepted (a valid file, image or request), false if it
+    /// was refused with an error.
+    pub fn run(&self, name: &str, data: &[u8]) -> bool {
         match name {
             "gguf" => self.gguf(data),
             "convert" => self.convert(data),

@@ -23,16 +23,13 @@ fn limits() -> RequestLimits {
 }
 
 impl Fuzzer {
-    pub fn request(&self, data: &[u8]) {
-        let Some((&kind, body)) = data.split_first() else { return };
+    pub fn request(&self, data: &[u8]) -> bool {
+        let Some((&kind, body)) = data.split_first() else { return false };
         let lim = limits();
         if kind & 1 == 1 {
-            if let Ok(url) = api::parse_upload(body) {
-                let _ = api::image_source(&url, "url", &lim);
-            }
-            return;
+            return api::parse_upload(body).is_ok_and(|url| api::image_source(&url, "url", &lim).is_ok());
         }
-        let Ok(v) = api::parse(body, &default_decoding(), 64, &lim) else { return };
+        let Ok(v) = api::parse(body, &default_decoding(), 64, &lim) else { return false };
         assert!(v.max_tokens >= 1 && v.max_tokens <= lim.n_ctx, "max_tokens {}", v.max_tokens);
         assert!(v.min_tokens <= v.max_tokens);
         assert!(v.n >= 1 && v.n <= v.beams() && v.beams() <= lim.max_beams, "n {} beams {}", v.n, v.beams());
@@ -58,7 +55,7 @@ impl Fuzzer {
                     assert!(bytes.len() <= lim.max_image_bytes, "{}: {} bytes", im.at, bytes.len());
                     match preprocess::preprocess_bytes_limited(bytes, &im.at, &cfg, &small) {
                         Ok((_, h)) => hashes.push(h),
-                        Err(_) => return,
+                        Err(_) => return false,
                     }
                 }
                 ImageSource::Id(h) => hashes.push(*h),
@@ -66,13 +63,13 @@ impl Fuzzer {
             }
         }
         let tok = &self.reference().tok;
-        let Ok(p) = crate::serve::prompt::build(tok, &v.messages, &hashes) else { return };
+        let Ok(p) = crate::serve::prompt::build(tok, &v.messages, &hashes) else { return false };
         let mut g = v.decoding.config(v.max_tokens, &tok.eog);
         g.num_return_sequences = v.n;
         g.min_new_tokens = v.min_tokens;
         if g.do_sample && g.seed.is_none() {
             g.seed = Some(1);
         }
-        let _ = Decoder::new(&g, &p.ids);
+        Decoder::new(&g, &p.ids).is_ok()
     }
 }
