@@ -47,8 +47,8 @@ impl Tokenizer {
         };
         let (inner, source) = match f.get("tokenizer.huggingface.json") {
             Some(Value::Str(json)) => (
-                tokenizers::Tokenizer::from_bytes(json.as_bytes())
-                    .map_err(|e| anyhow!("{}: tokenizer.huggingface.json: {e}", f.path().display()))?,
+                asagi_convert::vocab::hf_tokenizer(json.as_bytes())
+                    .map_err(|e| anyhow!("{}: tokenizer.huggingface.json: {e:#}", f.path().display()))?,
                 Source::HuggingFaceJson,
             ),
             _ => (rebuild(f, &tokens, &types)?, Source::RebuiltFromVocab),

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
 use crate::config::JsonFile;
@@ -167,7 +167,12 @@ pub fn read(dir: &Path, n_vocab: usize) -> Result<Vocab> {
         add_bos,
         add_eos,
         add_space_prefix: adds_space_prefix(&tj.value),
-        hf_json: std::fs::read_to_string(&tj.path)?,
+        hf_json: {
+            let text = std::fs::read_to_string(&tj.path)?;
+            // Embedded verbatim and loaded by the runtime with this function: what it cannot load is refused now.
+            hf_tokenizer(text.as_bytes()).with_context(|| format!("{path}: not a tokenizer the runtime can load"))?;
+            text
+        },
     })
 }
 
@@ -192,4 +197,13 @@ fn adds_space_prefix(tj: &Value) -> bool {
     };
     tj.get("normalizer").is_some_and(|n| walk(n, &prepend))
         || tj.get("pre_tokenizer").is_some_and(|p| walk(p, &metaspace))
+}
+
+/// A Hugging Face tokenizer from its tokenizer.json bytes, as the runtime loads the one embedded in a GGUF.
+///
+/// The JSON syntax is checked first: tokenizers 0.22 panics (`expect("Helper")` in its decoder's deserializer) on
+/// a syntax error inside the `decoder` object, where it should return an error.
+pub fn hf_tokenizer(json: &[u8]) -> Result<tokenizers::Tokenizer> {
+    serde_json::from_slice::<serde::de::IgnoredAny>(json).map_err(|e| anyhow!("not valid JSON: {e}"))?;
+    tokenizers::Tokenizer::from_bytes(json).map_err(|e| anyhow!("{e}"))
 }

@@ -153,6 +153,10 @@ pub struct GgufFile {
     ctx: Context,
     path: PathBuf,
     infos: Vec<TensorInfo>,
+    /// The mapped file's size and time (`watch`), and its range in the SIGBUS handler's table (dropped before the
+    /// map: fields drop in order).
+    watch: Option<crate::FileWatch>,
+    guard: Option<crate::map_guard::Registration>,
     /// The mapping behind the tensors, after `map_weights`.
     map: Option<Arc<memmap2::Mmap>>,
 }
@@ -189,7 +193,8 @@ impl GgufFile {
         };
         // SAFETY: on success gguf_init_from_file created `meta`, a no_alloc context we now own.
         let ctx = unsafe { Context::from_raw(NonNull::new(meta).expect("gguf returned no tensor context")) };
-        let mut file = GgufFile { raw, ctx, path: path.clone(), infos: Vec::new(), map: None };
+        let mut file =
+            GgufFile { raw, ctx, path: path.clone(), infos: Vec::new(), watch: None, guard: None, map: None };
         file.infos = file.read_infos()?;
         for t in &file.infos {
             // Checked: offsets and sizes come from the file.
@@ -237,6 +242,11 @@ impl GgufFile {
 
     fn as_ptr(&self) -> *mut sys::gguf_context {
         self.raw.as_ptr()
+    }
+
+    /// A watch on the mapped file (after `map_weights`): `check` says whether it changed on disk since.
+    pub fn watch(&self) -> Option<crate::FileWatch> {
+        self.watch.as_ref().and_then(|w| w.try_clone().ok())
     }
 
     /// The path it was opened from.
@@ -425,6 +435,11 @@ impl GgufFile {
         // SAFETY: a private mapping of a regular file; see the doc comment about concurrent truncation.
         let map =
             unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
+        if (map.len() as u64) < self.infos.iter().map(|t| t.offset + t.size as u64).max().unwrap_or(0) {
+            return Err(err("the file became shorter after its header was read".into()));
+        }
+        self.watch = Some(crate::FileWatch::new(&self.path, &file).map_err(|e| err(e.to_string()))?);
+        self.guard = crate::map_guard::register(map.as_ptr(), map.len(), &self.path);
         let map = Arc::new(map);
         let base = map.as_ptr() as *mut std::ffi::c_void;
         // SAFETY: the map is page-aligned (ggml wants 32-byte alignment) and lives as long as the buffer, which keeps

@@ -33,6 +33,8 @@ pub(crate) fn covering_pages(offset: usize, len: usize, limit: usize, page: usiz
 /// A file mapped read-only. Pages are read on first touch and can be handed back with `release`.
 pub struct MappedFile {
     path: PathBuf,
+    /// In the SIGBUS handler's table while mapped (dropped first).
+    _guard: Option<crate::map_guard::Registration>,
     map: memmap2::Mmap,
 }
 
@@ -44,7 +46,8 @@ impl MappedFile {
         // SAFETY: a read-only shared mapping of a regular file. Like every reader of memory-mapped files we rely on
         // nobody truncating or rewriting the file while it is mapped (a checkpoint being converted is not written).
         let map = unsafe { memmap2::MmapOptions::new().map(&file)? };
-        Ok(MappedFile { path, map })
+        let _guard = crate::map_guard::register(map.as_ptr(), map.len(), &path);
+        Ok(MappedFile { path, _guard, map })
     }
 
     /// The whole file.
