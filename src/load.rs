@@ -183,6 +183,11 @@ impl Loaded {
         Ok((llm, mmproj))
     }
 
+    /// Watches on the mapped model files (`ggml::FileWatch`): whether one changed on disk since loading.
+    pub fn watches(&self) -> Vec<ggml::FileWatch> {
+        std::iter::once(&self.llm).chain(self.mmproj.as_ref().map(|(f, _)| f)).filter_map(|f| f.watch()).collect()
+    }
+
     /// What was repacked, one line per file (for the load log).
     pub fn placement_summary(&self) -> Vec<String> {
         [(&self.llm, &self.llm_placed)]

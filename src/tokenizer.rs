@@ -180,8 +180,7 @@ pub struct StreamDecoder<'t> {
 impl StreamDecoder<'_> {
     pub fn push(&mut self, id: u32) -> Result<String> {
         self.ids.push(id);
-        let skipped = id as usize >= self.tok.n_vocab || (self.skip_special && self.tok.is_special(id));
-        if self.first_text.is_none() && !skipped {
+        if self.first_text.is_none() && self.adds_text(id)? {
             self.first_text = Some(self.ids.len() - 1);
         }
         if self.unfinished_character() {
@@ -231,6 +230,15 @@ impl StreamDecoder<'_> {
                 Ok(text.strip_prefix(head.as_str()).map(str::to_string).unwrap_or(text))
             }
         }
+    }
+
+    /// Whether `id` decodes to anything (a lone `▁` does, as a space), as the tokenizer decodes it: skipped
+    /// special tokens (HF's list, which is not the GGUF's token types) and ids outside the vocabulary do not.
+    fn adds_text(&self, id: u32) -> Result<bool> {
+        Ok(match &self.anchor {
+            Some((a, head)) => self.tok.decode(&[*a, id], self.skip_special)? != *head,
+            None => (id as usize) < self.tok.n_vocab && !(self.skip_special && self.tok.is_special(id)),
+        })
     }
 
     /// Whether the ids end in byte tokens whose bytes are valid UTF-8 up to a character that needs more bytes.

@@ -35,7 +35,12 @@ fn run(target: &str) {
     for path in dirs.iter().flat_map(|d| files(d)) {
         let data = std::fs::read(&path).unwrap();
         let accepted = f.run(target, &data);
-        eprintln!("{target}: {} ({} bytes): {}", path.display(), data.len(), if accepted { "accepted" } else { "refused" });
+        eprintln!(
+            "{target}: {} ({} bytes): {}",
+            path.display(),
+            data.len(),
+            if accepted { "accepted" } else { "refused" }
+        );
         // The seeds are valid inputs: accepting them shows the oracle ran.
         assert!(accepted || !path.starts_with(&seeds), "seed {} refused", path.display());
         n += 1;

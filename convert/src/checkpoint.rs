@@ -105,7 +105,8 @@ impl Checkpoint {
                 };
                 // read_metadata checked the offsets against the file; checked again here, as everything after
                 // relies on them.
-                let (start, end) = (data_start.checked_add(info.data_offsets.0), data_start.checked_add(info.data_offsets.1));
+                let (start, end) =
+                    (data_start.checked_add(info.data_offsets.0), data_start.checked_add(info.data_offsets.1));
                 let bytes = info.shape.iter().try_fold(dtype.size(), |a, &d| a.checked_mul(d));
                 let (Some(start), Some(end), Some(bytes)) = (start, end, bytes) else {
                     bail!("{}: tensor {name}: its size or data offsets overflow", path.display());
@@ -227,7 +228,9 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         files.dedup();
         // Shards are files of the checkpoint folder: a name that is a path (absolute, `..`, a subfolder) could make
         // the converter read anything on the machine.
-        if let Some(f) = files.iter().find(|f| !matches!(Path::new(f).components().collect::<Vec<_>>()[..], [Component::Normal(_)])) {
+        if let Some(f) =
+            files.iter().find(|f| !matches!(Path::new(f).components().collect::<Vec<_>>()[..], [Component::Normal(_)]))
+        {
             bail!("{}: weight_map names {f:?}, which is not a file name in the checkpoint folder", index.display());
         }
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();

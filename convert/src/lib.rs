@@ -222,9 +222,13 @@ pub fn write(c: &Conversion, opts: &Options, cancel: &AtomicBool) -> Result<Vec<
     }
     // Both files are complete and synced before either gets its name, so an interrupted conversion (Ctrl-C, a
     // kill, a full disk, an unreadable shard) leaves no .gguf, only .part files that the next run overwrites.
-    // The language model last: its presence means the pair is whole.
+    // The language model last: its presence means the pair is whole. The two renames follow each other
+    // directly (the folders are synced after), so no kill can fall between them but by microseconds.
     for (part, w) in parts.into_iter().zip(&written).rev() {
         part.commit(&w.path)?;
+    }
+    for w in &written {
+        write::sync_folder(&w.path);
     }
     bar.finish_and_clear();
     Ok(written)

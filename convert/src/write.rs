@@ -23,16 +23,19 @@ pub struct PartFile {
 }
 
 impl PartFile {
-    /// Renames the complete, synced file to `to`.
+    /// Renames the complete, synced file to `to` (see `sync_folder`).
     pub fn commit(mut self, to: &Path) -> Result<()> {
         std::fs::rename(&self.path, to)
             .with_context(|| format!("cannot rename {} to {}", self.path.display(), to.display()))?;
         self.done = true;
-        // The rename itself reaches the disk with the folder's entry.
-        if let Some(dir) = to.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) {
-            let _ = File::open(dir).and_then(|d| d.sync_all());
-        }
         Ok(())
+    }
+}
+
+/// Syncs the folder of `path`, so that renames in it reach the disk too (best effort).
+pub fn sync_folder(path: &Path) {
+    if let Some(dir) = path.parent().map(|d| if d.as_os_str().is_empty() { Path::new(".") } else { d }) {
+        let _ = File::open(dir).and_then(|d| d.sync_all());
     }
 }
 

@@ -64,7 +64,8 @@ impl Fuzzer {
     /// The reference model, made on first use.
     pub fn reference(&self) -> &Reference {
         self.reference.get_or_init(|| {
-            Reference::make(&self.path("reference")).unwrap_or_else(|e| panic!("cannot make the reference model: {e:#}"))
+            Reference::make(&self.path("reference"))
+                .unwrap_or_else(|e| panic!("cannot make the reference model: {e:#}"))
         })
     }
 }

@@ -129,7 +129,10 @@ pub fn seeds(f: &super::Fuzzer, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
                 out.push((format!("text-{i}.bin"), bytes));
             }
             // Byte-fallback tokens of a three-byte character, split: <0xE3><0x81><0x82> (あ).
-            let bytes: Vec<u8> = [0u8].into_iter().chain([0xE3u16 + 8, 0x81 + 8, 0x82 + 8].iter().flat_map(|v| v.to_le_bytes())).collect();
+            let bytes: Vec<u8> = [0u8]
+                .into_iter()
+                .chain([0xE3u16 + 8, 0x81 + 8, 0x82 + 8].iter().flat_map(|v| v.to_le_bytes()))
+                .collect();
             out.push(("bytes-a.bin".into(), bytes));
         }
         "image" => {}

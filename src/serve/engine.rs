@@ -250,6 +250,9 @@ pub struct Engine<'m> {
     park_cells: usize,
     stats: Arc<Stats>,
     tick: u64,
+    /// The model files, checked before each step: one modified in place fails the work instead of crashing the
+    /// server when a step reads a page that no longer exists (ggml::FileWatch).
+    files: Vec<ggml::FileWatch>,
 }
 
 /// Why a task ends.
@@ -293,7 +296,19 @@ impl<'m> Engine<'m> {
             park_cells,
             stats,
             tick: 0,
+            files: Vec::new(),
         }
+    }
+
+    /// Checks `files` (the loaded model's) before each step.
+    pub fn watch_files(mut self, files: Vec<ggml::FileWatch>) -> Self {
+        self.files = files;
+        self
+    }
+
+    /// Why the model files can no longer be used, if one changed on disk.
+    fn files_changed(&self) -> Option<String> {
+        self.files.iter().find_map(|f| f.check().err())
     }
 
     /// Serves jobs until every sender is gone.
@@ -350,6 +365,9 @@ impl<'m> Engine<'m> {
                 if job.events.is_closed() {
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                } else if let Some(msg) = self.files_changed() {
+                    self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+                    let _ = job.events.send(Event::Error(msg));
                 } else if let Some(job) = self.guarded(|e| e.admit(job)) {
                     if self.slots.iter().all(|s| s.task.is_none()) {
                         // Nothing runs that could make room: it can never fit (the HTTP side checks the context,
@@ -368,7 +386,9 @@ impl<'m> Engine<'m> {
             self.cancel_gone();
             if self.slots.iter().any(|s| s.task.is_some()) {
                 self.guarded(|e| {
-                    if let Err(e2) = e.step() {
+                    if let Some(msg) = e.files_changed() {
+                        e.fail_all(&msg);
+                    } else if let Err(e2) = e.step() {
                         e.fail_all(&format!("{e2:#}"));
                     }
                     None
@@ -380,7 +400,11 @@ impl<'m> Engine<'m> {
     /// `POST /v1/images`: the image's embeddings into the cache (not encoded again if already there).
     fn encode_upload(&mut self, job: EncodeJob) {
         let n_embd = self.session.model.hp.n_embd;
+        let changed = self.files_changed();
         let result = (|| {
+            if let Some(msg) = changed {
+                return Err(msg);
+            }
             let enc = self.encoder.as_mut().ok_or("the server has no vision encoder (start it with --mmproj)")?;
             let n_tokens = enc.model.hp.n_image_tokens();
             if self.images.contains(&job.hash, n_tokens, n_embd) {

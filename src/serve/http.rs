@@ -240,9 +240,17 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     error(StatusCode::NOT_FOUND, "not_found", format!("no route {method} {}", uri.path().escape_debug()))
 }
 
+/// 503 once a model file was modified on disk (two `fstat`s): the weights in use may be gone.
+fn model_changed(st: &AppState) -> Option<Response> {
+    st.info.files_changed().map(|msg| error(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg))
+}
+
 async fn health(State(st): State<Arc<AppState>>) -> Response {
     if st.engine.is_closed() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the engine has stopped");
+    }
+    if let Some(r) = model_changed(&st) {
+        return r;
     }
     let busy = st.stats.busy.load(Ordering::Relaxed);
     let slots = st.stats.slots.load(Ordering::Relaxed);
@@ -314,6 +322,9 @@ async fn json_body(st: &AppState, headers: &HeaderMap, body: Body) -> Result<Byt
 /// `image_url` instead of the image (`{"id": "img-...", "object": "image", "tokens": N, "cached": bool,
 /// "encode_ms": ms}`).
 async fn upload_image(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(r) = model_changed(&st) {
+        return r;
+    }
     let bytes = match json_body(&st, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -367,6 +378,9 @@ async fn upload_image(State(st): State<Arc<AppState>>, headers: HeaderMap, body:
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+    if let Some(r) = model_changed(&st) {
+        return r;
+    }
     let bytes = match json_body(&st, &headers, body).await {
         Ok(b) => b,
         Err(r) => return r,

@@ -116,6 +116,15 @@ pub(crate) struct ModelInfo {
     pub preprocess: Option<PreprocessConfig>,
     /// Image embeddings, shared with the engine.
     pub images: Arc<ImageCache>,
+    /// The model files as loaded: a request is refused (503) once one was modified on disk.
+    pub files: Vec<ggml::FileWatch>,
+}
+
+impl ModelInfo {
+    /// Why the loaded model can no longer serve, if a file of it changed on disk.
+    pub fn files_changed(&self) -> Option<String> {
+        self.files.iter().find_map(|f| f.check().err())
+    }
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -171,9 +180,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     n_embd: model.hp.n_embd,
                     preprocess: encoder.as_ref().map(|e| e.model.hp.preprocess.clone()),
                     images: images.clone(),
+                    files: loaded.watches(),
                 };
                 let engine =
-                    Engine::new(&loaded.tok, session, encoder, images, parallel, width, cache_ram, engine_stats);
+                    Engine::new(&loaded.tok, session, encoder, images, parallel, width, cache_ram, engine_stats)
+                        .watch_files(loaded.watches());
                 if ready_tx.send(Ok(info)).is_ok() {
                     engine.run(job_rx, upload_rx);
                 }

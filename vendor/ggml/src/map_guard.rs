@@ -35,7 +35,8 @@ impl FileWatch {
 
     /// An error naming the file if it was truncated, extended or rewritten in place since it was loaded.
     pub fn check(&self) -> Result<(), String> {
-        let m = self.file.metadata().map_err(|e| format!("{}: cannot check the loaded file: {e}", self.path.display()))?;
+        let m =
+            self.file.metadata().map_err(|e| format!("{}: cannot check the loaded file: {e}", self.path.display()))?;
         if m.len() == self.len && m.modified().ok() == self.modified {
             return Ok(());
         }
