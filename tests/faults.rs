@@ -84,11 +84,11 @@ fn convert_killed_at_random_points_leaves_no_gguf_and_the_next_run_succeeds() {
         let mut child = convert_cmd(&hf, &out).stderr(Stdio::null()).spawn().unwrap();
         std::thread::sleep(at);
         child.kill().unwrap(); // SIGKILL: no handler runs, no cleanup.
-        let status = child.wait().unwrap();
+        child.wait().unwrap();
         let left = ggufs(&out);
-        if status.success() {
-            // Finished before the kill: both files, complete. Start the next round from nothing.
-            assert_eq!(left, ["llm.gguf", "mmproj.gguf"], "round {i}");
+        if left == ["llm.gguf", "mmproj.gguf"] {
+            // Done before the kill (the kill may still land while the process exits): a complete pair. The next
+            // round starts from nothing.
             for f in left {
                 std::fs::remove_file(out.join(f)).unwrap();
             }

@@ -125,6 +125,15 @@ pub struct TensorInfo {
     pub size: usize,
 }
 
+impl TensorInfo {
+    /// The data's byte range in the file; `None` if it does not fit in memory addresses (checked, as the offset
+    /// and size come from the file).
+    pub fn range(&self) -> Option<std::ops::Range<usize>> {
+        let start = usize::try_from(self.offset).ok()?;
+        Some(start..start.checked_add(self.size)?)
+    }
+}
+
 /// ggml logs parse errors instead of returning them, so `open` swaps in a logger that collects the messages (in
 /// the opening thread's `CAPTURE_BUF`) and the error can carry ggml's reason. The lock serializes the swap of
 /// ggml's global log callback.
@@ -452,11 +461,12 @@ impl GgufFile {
         for info in &self.infos {
             let t =
                 self.ctx.get_tensor(&info.name).ok_or_else(|| err(format!("tensor {} has no header", info.name)))?;
-            // `open` checked that offset + size <= file length == map length.
-            // SAFETY: t is an unallocated tensor of our context; addr..addr+size lies inside the buffer (checked in
-            // `open`), and the buffer outlives the tensor because the context takes ownership of it below.
+            let range = info.range().filter(|r| r.end <= map.len());
+            let range = range.ok_or_else(|| err(format!("tensor {}: its data lies outside the file", info.name)))?;
+            // SAFETY: t is an unallocated tensor of our context; range lies inside the buffer (checked just above),
+            // and the buffer outlives the tensor because the context takes ownership of it below.
             let status = unsafe {
-                let addr = (base as *mut u8).add(info.offset as usize).cast();
+                let addr = (base as *mut u8).add(range.start).cast();
                 sys::ggml_backend_tensor_alloc(buffer.as_ptr(), t.as_ptr(), addr)
             };
             if status != sys::GGML_STATUS_SUCCESS {
@@ -473,8 +483,8 @@ impl GgufFile {
         let err = |msg: String| Error::Gguf { path: self.path.clone(), msg };
         let map = self.map.as_ref().ok_or_else(|| err("weights are not mapped".into()))?;
         let info = self.infos.iter().find(|i| i.name == name).ok_or_else(|| err(format!("no tensor {name}")))?;
-        // `open` checked offset + size <= file length == map length.
-        Ok(&map[info.offset as usize..info.offset as usize + info.size])
+        let range = info.range().filter(|r| r.end <= map.len());
+        Ok(&map[range.ok_or_else(|| err(format!("tensor {name}: its data lies outside the file")))?])
     }
 
     /// Hands the mapped pages lying wholly inside the named tensors back to the kernel, once copies of them serve
@@ -486,7 +496,7 @@ impl GgufFile {
         if let Some(map) = &self.map {
             let page = crate::page_size();
             for info in self.infos.iter().filter(|i| names.contains(&i.name)) {
-                if let Some(r) = crate::mmap::inner_pages(info.offset as usize, info.size, page) {
+                if let Some(r) = info.range().and_then(|r| crate::mmap::inner_pages(r.start, r.len(), page)) {
                     // SAFETY: MADV_DONTNEED on a private read-only file mapping (it cannot have been written): the
                     // dropped pages are unmodified file pages, and touching them again maps the same file bytes, so
                     // no slice or tensor pointing into the range can observe a change.
@@ -510,7 +520,7 @@ impl GgufFile {
             .infos
             .iter()
             .filter(|i| !moved.contains(&i.name))
-            .filter_map(|i| crate::mmap::covering_pages(i.offset as usize, i.size, map.len(), page))
+            .filter_map(|i| i.range().and_then(|r| crate::mmap::covering_pages(r.start, r.len(), map.len(), page)))
             .collect();
         ranges.sort_by_key(|r| r.start);
         // Neighbouring tensors share pages: merge so that each page is locked once.
