@@ -1,8 +1,9 @@
 //! Target `convert`: a checkpoint folder as the converter reads it (safetensors headers and data,
 //! model.safetensors.index.json, config.json, tokenizer.json and the other JSON files), packed in one input.
 //!
-//! Input: a flag byte (bits 0-1: the language model's type, bit 2: the mmproj's), then records `[name length: u8][name][data length: u32 LE][data]`. Names are the file names a checkpoint has
-//! (`ARCHIVE_NAMES`); records with other names are skipped.
+//! Input: a flag byte (bits 0-1: the language model's type, bit 2: the mmproj's), then records
+//! `[name length: u8][name][data length: u32 LE][data]`. Names are the file names a checkpoint has
+//! (`ARCHIVE_NAMES`); records with other names are skipped, so nothing is written outside the scratch folder.
 //!
 //! Oracle: a conversion that succeeds writes two files the runtime loads and runs (as the `gguf` target checks).
 
