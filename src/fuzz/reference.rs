@@ -48,7 +48,9 @@ pub fn convert(checkpoint: &Path, llm: LlmType, mm: MmprojType, llm_out: &Path, 
 }
 
 /// The seed inputs of target `name` (file name, bytes), made from the reference model; the image target's seeds
-/// are the test images (tests/fixtures/images), which fuzz/run passes as a second corpus folder.
+/// are the test images (tests/fixtures/images and the hostile ones), which fuzz/run passes as corpus folders too.
+/// Seeds named `bad-*` are inputs the bad-input tests check by hand (damaged files, escapes, limits): they must
+/// be refused; the others must be accepted.
 pub fn seeds(f: &super::Fuzzer, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
     let r = f.reference();
     let mut out = Vec::new();
@@ -59,9 +61,16 @@ pub fn seeds(f: &super::Fuzzer, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
                 let (a, b) = (f.path(&format!("seed-llm-{tag}.gguf")), f.path(&format!("seed-mmproj-{tag}.gguf")));
                 convert(&r.checkpoint, llm, mm, &a, &b)?;
                 for (role, path, what) in [(0u8, &a, "llm"), (1u8, &b, "mmproj")] {
-                    let mut bytes = vec![role];
-                    bytes.extend(std::fs::read(path)?);
-                    out.push((format!("{what}-{tag}.gguf"), bytes));
+                    let file = std::fs::read(path)?;
+                    out.push((format!("{what}-{tag}.gguf"), [&[role][..], &file].concat()));
+                    if tag == "q8_0" {
+                        // Cut in its tensor data; and given the other role.
+                        out.push((
+                            format!("bad-{what}-truncated.gguf"),
+                            [&[role][..], &file[..file.len() / 2]].concat(),
+                        ));
+                        out.push((format!("bad-{what}-other-role.gguf"), [&[role ^ 1][..], &file].concat()));
+                    }
                 }
             }
         }
@@ -89,6 +98,24 @@ pub fn seeds(f: &super::Fuzzer, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
                 "the sharded seed has not two shards"
             );
             out.push(("micro-sharded-q8.bin".into(), archive(0b001, &files)));
+            // A shard named outside the folder; the weights missing; a shard cut short.
+            let escape = serde_json::json!({"metadata": {}, "weight_map": {"x": "../../../../etc/passwd"}});
+            let with = |name: &str, data: Vec<u8>| -> Vec<(String, Vec<u8>)> {
+                let mut v: Vec<_> = files.iter().filter(|(n, _)| n != name).cloned().collect();
+                v.push((name.to_string(), data));
+                v
+            };
+            out.push((
+                "bad-index-escape.bin".into(),
+                archive(1, &with("model.safetensors.index.json", serde_json::to_vec(&escape)?)),
+            ));
+            let no_weights: Vec<_> = files.iter().filter(|(n, _)| !n.ends_with(".safetensors")).cloned().collect();
+            out.push(("bad-no-weights.bin".into(), archive(1, &no_weights)));
+            let shard = &files.iter().find(|(n, _)| n == "model-00002-of-00002.safetensors").expect("two shards").1;
+            out.push((
+                "bad-shard-cut.bin".into(),
+                archive(1, &with("model-00002-of-00002.safetensors", shard[..shard.len() - 100].to_vec())),
+            ));
         }
         "request" => {
             let png = include_bytes!("../../tests/fixtures/images/palette_50x40.png");
@@ -119,6 +146,30 @@ pub fn seeds(f: &super::Fuzzer, name: &str) -> Result<Vec<(String, Vec<u8>)>> {
             let mut up = vec![1u8];
             up.extend(serde_json::to_vec(&serde_json::json!({ "url": url }))?);
             out.push(("upload.json".into(), up));
+            // What tests/serve_attacks.rs sends: over the limits, a path without --allow-paths, a web URL.
+            let user = |content: serde_json::Value| serde_json::json!([{"role": "user", "content": content}]);
+            let image = |u: &str| serde_json::json!({"type": "image_url", "image_url": {"url": u}});
+            let id = format!("img-{}", "cd".repeat(32));
+            let bad = [
+                ("max-tokens", serde_json::json!({"messages": user("a".into()), "max_tokens": 1u64 << 40})),
+                ("beams", serde_json::json!({"messages": user("a".into()), "num_beams": 64})),
+                ("temperature", serde_json::json!({"messages": user("a".into()), "temperature": 1e-9})),
+                ("n-stream", serde_json::json!({"messages": user("a".into()), "n": 2, "stream": true})),
+                (
+                    "images",
+                    serde_json::json!({"messages": user(serde_json::json!([image(&id), image(&id), image(&id), image(&id), image(&id)]))}),
+                ),
+                ("path", serde_json::json!({"messages": user(serde_json::json!([image("/etc/passwd")]))})),
+                ("web", serde_json::json!({"messages": user(serde_json::json!([image("https://example.com/a.png")]))})),
+                ("text", serde_json::json!({"messages": user("あ".repeat(8000).into())})),
+                (
+                    "assistant-last",
+                    serde_json::json!({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+                ),
+            ];
+            for (name, b) in bad {
+                out.push((format!("bad-{name}.json"), [&[0u8][..], &serde_json::to_vec(&b)?].concat()));
+            }
         }
         "detokenize" => {
             let text = ["今日は良い天気です。", "画像の説明：\n赤い花", "abc 123 ！？", "漢字とカタカナ"];
