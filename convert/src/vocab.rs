@@ -201,9 +201,16 @@ fn adds_space_prefix(tj: &Value) -> bool {
 
 /// A Hugging Face tokenizer from its tokenizer.json bytes, as the runtime loads the one embedded in a GGUF.
 ///
-/// The JSON syntax is checked first: tokenizers 0.22 panics (`expect("Helper")` in its decoder's deserializer) on
-/// a syntax error inside the `decoder` object, where it should return an error.
+/// Checked first: the JSON syntax (tokenizers 0.22 panics, `expect("Helper")` in its decoder's deserializer, on a
+/// syntax error inside the `decoder` object, where it should return an error), and that a Unigram model has an
+/// unknown token (without one, text with a character outside the vocabulary cannot be tokenized at all: every
+/// request holding one would fail). Both found by the `convert` fuzz target.
 pub fn hf_tokenizer(json: &[u8]) -> Result<tokenizers::Tokenizer> {
-    serde_json::from_slice::<serde::de::IgnoredAny>(json).map_err(|e| anyhow!("not valid JSON: {e}"))?;
+    let v: Value = serde_json::from_slice(json).map_err(|e| anyhow!("not valid JSON: {e}"))?;
+    if v.pointer("/model/type").and_then(Value::as_str) == Some("Unigram")
+        && v.pointer("/model/unk_id").and_then(Value::as_u64).is_none()
+    {
+        bail!("model.unk_id is missing: a SentencePiece Unigram tokenizer needs an unknown token (llm-jp-3's is <unk>, id 0)");
+    }
     tokenizers::Tokenizer::from_bytes(json).map_err(|e| anyhow!("{e}"))
 }

@@ -123,6 +123,9 @@ pub fn load_rgb_limited(
         return decode_jpeg(bytes, name, limits, resize_to);
     }
 
+    if format == ImageFormat::Png {
+        check_png_palette(bytes, name)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     // Our header check is the real limit; this only keeps the crate's own 512 MiB default from refusing
     // images PIL accepts (the largest allowed image as 16-bit RGBA is ~683 MiB) before our check runs.
@@ -149,10 +152,37 @@ pub fn load_rgb_limited(
 
     let corrupt = || format!("{name}: corrupt or unreadable {format:?} image");
     let mut raw = try_zeroed(out_bytes).map_err(|e| oom(name, w, h, e))?;
-    decoder.read_image(&mut raw).with_context(corrupt)?;
+    // A decoder that panics on a malformed file (as png 0.18.1 did, below) is an error for this image, not the
+    // end of the program or of the request's worker.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.read_image(&mut raw)))
+        .map_err(|_| anyhow::anyhow!("{name}: the {format:?} decoder failed on this file (malformed image)"))?
+        .with_context(corrupt)?;
     let gray16_png = format == ImageFormat::Png && png_is_gray16(bytes);
     to_rgb_like_pil(color, raw, w, h, gray16_png)
         .map_err(|e| e.context(format!("{name}: cannot convert the {format:?} image to RGB")))
+}
+
+/// Refuses a PNG whose palette (PLTE) is not 1 to 256 RGB entries, as libpng does ("invalid palette length"):
+/// png 0.18.1 panics (a slice out of range) expanding a palette whose length is not a multiple of 3. Found by the
+/// `image` fuzz target; tests/fuzz/image/ keeps the file. Walks the chunk headers only: O(chunks).
+fn check_png_palette(bytes: &[u8], name: &str) -> Result<()> {
+    let mut at = 8usize;
+    while let Some(head) = at.checked_add(8).and_then(|end| bytes.get(at..end)) {
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        match &head[4..8] {
+            b"PLTE" if len % 3 != 0 || !(3..=768).contains(&len) => {
+                bail!("{name}: invalid PNG: a palette (PLTE) of {len} bytes, not 1 to 256 RGB entries")
+            }
+            b"IDAT" | b"IEND" => break,
+            _ => {}
+        }
+        // Length, type, data, CRC.
+        at = match len.checked_add(12).and_then(|n| at.checked_add(n)) {
+            Some(next) => next,
+            None => break,
+        };
+    }
+    Ok(())
 }
 
 /// What the header says, for [`check_header`].
