@@ -259,16 +259,7 @@ fn sigbus_on_a_truncated_map_names_the_file() {
     let path = dir.path().join("weights.bin");
     std::fs::write(&path, vec![7u8; 1 << 16]).unwrap();
     // The test binary again, through the emulator when cross-testing.
-    let mut c = match std::env::var("ASAGI_TEST_RUNNER").ok().filter(|r| !r.trim().is_empty()) {
-        Some(r) => {
-            let mut w = r.split_whitespace();
-            let mut c = Command::new(w.next().unwrap());
-            c.args(w).arg(std::env::current_exe().unwrap());
-            c
-        }
-        None => Command::new(std::env::current_exe().unwrap()),
-    };
-    let o = c
+    let o = common::target_program(std::env::current_exe().unwrap())
         .args(["--ignored", "--exact", "sigbus_child", "--nocapture", "--test-threads", "1"])
         .env("ASAGI_SIGBUS_FILE", &path)
         .output()

@@ -16,7 +16,11 @@ use rand::{Rng, SeedableRng};
 /// binary is an ARM one: it starts through the same emulator cargo runs the test binaries with, named by
 /// `ASAGI_TEST_RUNNER` (a program and its arguments, split at spaces).
 pub fn asagi_gguf() -> Command {
-    let bin = env!("CARGO_BIN_EXE_asagi-gguf");
+    target_program(env!("CARGO_BIN_EXE_asagi-gguf"))
+}
+
+/// A command for a program built for the target (the binary, a test binary), through `ASAGI_TEST_RUNNER` if set.
+pub fn target_program(bin: impl AsRef<std::ffi::OsStr>) -> Command {
     let runner = std::env::var("ASAGI_TEST_RUNNER").unwrap_or_default();
     let mut words = runner.split_whitespace();
     match words.next() {
