@@ -60,18 +60,23 @@ fn assert_runs(out: &Path) {
     assert!(o.status.success(), "run on the converted model: {}", stderr(&o));
 }
 
-#[test]
-fn convert_killed_at_random_points_leaves_no_gguf_and_the_next_run_succeeds() {
+/// A tiny checkpoint converted once, uninterrupted, into `dir/out`: the folder, the checkpoint, the output
+/// folder and how long the conversion took.
+fn converted_once() -> (tempfile::TempDir, PathBuf, PathBuf, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let hf = tiny_checkpoint(dir.path(), 4096);
     let out = dir.path().join("out");
     std::fs::create_dir(&out).unwrap();
-
-    // How long an uninterrupted conversion takes here, to spread the kills over it.
     let t = Instant::now();
     let o = convert_cmd(&hf, &out).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let full = t.elapsed();
+    (dir, hf, out, t.elapsed())
+}
+
+#[test]
+fn convert_killed_at_random_points_leaves_no_gguf_and_the_next_run_succeeds() {
+    // How long an uninterrupted conversion takes here, to spread the kills over it.
+    let (_dir, hf, out, full) = converted_once();
     for f in ggufs(&out) {
         std::fs::remove_file(out.join(f)).unwrap();
     }
@@ -134,12 +139,7 @@ fn convert_on_small_disk(hf: &Path, work: &Path, kb: u64) -> (bool, String, Vec<
 
 #[test]
 fn convert_to_a_full_disk_fails_with_a_clear_error_and_no_partial_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let hf = tiny_checkpoint(dir.path(), 4096);
-    let out = dir.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    let o = convert_cmd(&hf, &out).output().unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    let (dir, hf, out, _) = converted_once();
     let llm_kb = std::fs::metadata(out.join("llm.gguf")).unwrap().len() / 1024;
     let mm_kb = std::fs::metadata(out.join("mmproj.gguf")).unwrap().len() / 1024;
     assert!(mm_kb > 64, "the mmproj ({mm_kb} KiB) must not fit in the 64 KiB left over below");

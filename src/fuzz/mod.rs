@@ -16,7 +16,7 @@ mod image;
 mod reference;
 mod request;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use anyhow::Result;
@@ -55,10 +55,6 @@ impl Fuzzer {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// The reference model, made on first use.

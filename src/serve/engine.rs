@@ -308,7 +308,7 @@ impl<'m> Engine<'m> {
 
     /// Why the model files can no longer be used, if one changed on disk.
     fn files_changed(&self) -> Option<String> {
-        self.files.iter().find_map(|f| f.check().err())
+        ggml::FileWatch::first_change(&self.files)
     }
 
     /// Serves jobs until every sender is gone.

@@ -123,7 +123,7 @@ pub(crate) struct ModelInfo {
 impl ModelInfo {
     /// Why the loaded model can no longer serve, if a file of it changed on disk.
     pub fn files_changed(&self) -> Option<String> {
-        self.files.iter().find_map(|f| f.check().err())
+        ggml::FileWatch::first_change(&self.files)
     }
 }
 

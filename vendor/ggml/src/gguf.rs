@@ -444,9 +444,6 @@ impl GgufFile {
         // SAFETY: a private mapping of a regular file; see the doc comment about concurrent truncation.
         let map =
             unsafe { memmap2::MmapOptions::new().map_copy_read_only(&file) }.map_err(|e| err(format!("mmap: {e}")))?;
-        if (map.len() as u64) < self.infos.iter().map(|t| t.offset + t.size as u64).max().unwrap_or(0) {
-            return Err(err("the file became shorter after its header was read".into()));
-        }
         self.watch = Some(crate::FileWatch::new(&self.path, &file).map_err(|e| err(e.to_string()))?);
         self.guard = crate::map_guard::register(map.as_ptr(), map.len(), &self.path);
         let map = Arc::new(map);

@@ -54,6 +54,11 @@ impl FileWatch {
         &self.path
     }
 
+    /// The first of `watches` whose file changed, as [`check`](Self::check) says it.
+    pub fn first_change(watches: &[FileWatch]) -> Option<String> {
+        watches.iter().find_map(|w| w.check().err())
+    }
+
     /// Another watch on the same file (a handle of its own).
     pub fn try_clone(&self) -> std::io::Result<FileWatch> {
         Ok(FileWatch { path: self.path.clone(), file: self.file.try_clone()?, len: self.len, modified: self.modified })
