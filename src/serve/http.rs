@@ -58,6 +58,8 @@ pub struct Config {
     pub limits: RequestLimits,
     pub image_limits: ImageLimits,
     pub allowed: Option<AllowedDir>,
+    /// Serve the chat page at `/`.
+    pub webui: bool,
 }
 
 struct AppState {
@@ -114,6 +116,9 @@ pub async fn serve(
     });
     let app = router(state.clone());
     eprintln!("listening on http://{local} (POST /v1/chat/completions, POST /v1/images, GET /v1/models, GET /health, GET /stats)");
+    if state.conf.webui {
+        eprintln!("chat page: http://{local}/");
+    }
 
     let conns = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -156,7 +161,11 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images", post(upload_image))
         .route("/stats", get(stats))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_key));
-    let mut app = Router::new().route("/health", get(health)).merge(api).fallback(not_found).with_state(state.clone());
+    let mut app = Router::new().route("/health", get(health)).merge(api);
+    if state.conf.webui {
+        app = app.merge(super::web::routes());
+    }
+    let mut app = app.fallback(not_found).with_state(state.clone());
     if !state.conf.cors_origins.is_empty() {
         let origins = &state.conf.cors_origins;
         let allow = if origins.iter().any(|o| o == "*") {

@@ -4,7 +4,7 @@
 //!
 //! The rooms: `http` (axum/hyper on tokio: connections, limits, access, streaming), `api` (request and response
 //! types, validation), `engine` (one thread that owns the model and batches the running conversations), and
-//! what the engine uses (`prompt`, `stop`), `local_file` (confined file reading).
+//! what the engine uses (`prompt`, `stop`), `local_file` (confined file reading), `web` (the chat page at `/`).
 
 pub mod api;
 mod engine;
@@ -12,6 +12,7 @@ mod http;
 pub mod local_file;
 pub mod prompt;
 mod stop;
+mod web;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -97,6 +98,9 @@ pub struct ServeArgs {
     /// Message text per request at most, in KiB (checked before tokenizing).
     #[arg(long, default_value_t = 256)]
     pub max_text_kb: usize,
+    /// Do not serve the chat page at `/` (the API only).
+    #[arg(long)]
+    pub no_webui: bool,
     /// Decoding defaults for requests that do not set a field.
     #[command(flatten)]
     pub decoding: DecodingArgs,
@@ -223,6 +227,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         limits,
         image_limits,
         allowed,
+        webui: !a.no_webui,
     };
     eprintln!("{} slots x {width} sequences, context {} cells shared, queue {}", a.parallel, info.n_ctx, a.queue);
     let rt = tokio::runtime::Builder::new_multi_thread()
