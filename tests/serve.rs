@@ -217,8 +217,11 @@ fn all_choices(v: &Value) -> Value {
 #[test]
 fn a_client_that_leaves_is_cancelled_and_a_full_queue_answers_503() {
     let m = model();
-    let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048", "--parallel", "1", "--queue", "1"]);
+    let mut server =
+        Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048", "--parallel", "1", "--queue", "1", "--no-webui"]);
     let long = json!({"messages": [user("長い話")], "max_tokens": 1800, "min_tokens": 1800});
+    // The API only: no chat page.
+    assert_eq!(client(Duration::from_secs(5)).get(server.url("/")).send().unwrap().status(), 404);
 
     // Streaming: read one event, hang up.
     let mut req = long.clone();

@@ -451,7 +451,10 @@ async fn chat_completions(State(st): State<Arc<AppState>>, headers: HeaderMap, b
     }
     let id = format!("chatcmpl-{:032x}", rand::random::<u128>());
     if stream {
-        sse(st, id, rx, include_usage).into_response()
+        let mut r = sse(st, id, rx, include_usage).into_response();
+        // Reverse proxies (nginx) buffer responses unless told not to: events would arrive in bursts.
+        r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+        r
     } else {
         complete(st, id, rx).await
     }

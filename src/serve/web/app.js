@@ -13,6 +13,24 @@
 const $ = (id) => document.getElementById(id);
 const url = (path) => new URL(path, document.baseURI);
 
+// Web storage may be off (privacy settings): the page then works without remembering anything.
+function stored(area, key) {
+  try {
+    return window[area].getItem(key);
+  } catch {
+    return null;
+  }
+}
+
+function store(area, key, value) {
+  try {
+    if (value === null) window[area].removeItem(key);
+    else window[area].setItem(key, value);
+  } catch {
+    // not remembered
+  }
+}
+
 // ---- Settings -------------------------------------------------------------------------------------------------
 
 // The model card's decoding: HF beam sampling (do_sample, 5 beams, temperature 0.7, repetition penalty 1.5,
@@ -23,7 +41,7 @@ const FIELDS = { temperature: 'temperature', beams: 'beams', repetition: 'repeti
 
 function loadSettings() {
   try {
-    return { ...DEFAULTS, ...JSON.parse(localStorage.getItem('asagi.settings') || '{}') };
+    return { ...DEFAULTS, ...JSON.parse(stored('localStorage', 'asagi.settings') || '{}') };
   } catch {
     return { ...DEFAULTS };
   }
@@ -47,13 +65,14 @@ function showSettings() {
 }
 
 function readSettings() {
-  const next = { mode: $('mode').value };
+  const next = { ...settings, mode: $('mode').value };
   for (const [k, id] of Object.entries(FIELDS)) {
+    // A disabled field shows what the mode fixes (the card's values), not the user's.
     const v = Number($(id).value);
-    next[k] = Number.isFinite(v) && $(id).value !== '' ? v : settings[k];
+    if (!$(id).disabled && $(id).value !== '' && Number.isFinite(v)) next[k] = v;
   }
   settings = next;
-  localStorage.setItem('asagi.settings', JSON.stringify(settings));
+  store('localStorage', 'asagi.settings', JSON.stringify(settings));
   showSettings();
 }
 
@@ -71,7 +90,7 @@ function decoding(s) {
 
 // ---- The API, with the key ------------------------------------------------------------------------------------
 
-let apiKey = sessionStorage.getItem('asagi.key') || '';
+let apiKey = stored('sessionStorage', 'asagi.key') || '';
 let keyAsked = null;
 
 // Asks for the API key once, however many requests were refused at the same time; null if cancelled.
@@ -82,16 +101,23 @@ function askKey(wrong) {
       $('key-retry').textContent = wrong ? '（キーが違います）' : '';
       $('key').value = '';
       const done = (value) => {
-        $('key-ok').onclick = $('key-cancel').onclick = $('key').onkeydown = dialog.oncancel = null;
-        dialog.close();
+        $('key-ok').onclick = $('key-cancel').onclick = $('key').onkeydown = dialog.onclose = null;
+        if (dialog.open) dialog.close();
         keyAsked = null;
         resolve(value);
       };
-      $('key-ok').onclick = () => done($('key').value);
+      // A key is sent in a header: printable ASCII only (a pasted full-width space or newline would make every
+      // request fail before it is sent).
+      const ok = () => {
+        const key = $('key').value.trim();
+        if (/^[\x21-\x7e]+$/.test(key)) done(key);
+        else $('key-retry').textContent = '（キーは半角英数字と記号です）';
+      };
+      $('key-ok').onclick = ok;
       $('key-cancel').onclick = () => done(null);
-      dialog.oncancel = () => done(null);
+      dialog.onclose = () => done(null); // Esc, or closed any other way
       $('key').onkeydown = (e) => {
-        if (e.key === 'Enter' && !e.isComposing && e.keyCode !== 229) done($('key').value);
+        if (e.key === 'Enter' && !e.isComposing && e.keyCode !== 229) ok();
       };
       dialog.showModal();
     });
@@ -99,17 +125,20 @@ function askKey(wrong) {
   return keyAsked;
 }
 
-// fetch with the key; a 401 asks for the key and tries again (until cancelled).
+// fetch with the key; the server's 401 (`WWW-Authenticate: Bearer`) asks for the key and tries again, until
+// cancelled. A request that went out with an older key just tries again with the new one.
 async function call(path, init = {}) {
   for (;;) {
+    const used = apiKey;
     const headers = { ...(init.headers || {}) };
-    if (apiKey) headers.Authorization = 'Bearer ' + apiKey;
+    if (used) headers.Authorization = 'Bearer ' + used;
     const r = await fetch(url(path), { ...init, headers });
-    if (r.status !== 401) return r;
-    const key = await askKey(apiKey !== '');
+    if (r.status !== 401 || !/^Bearer/i.test(r.headers.get('WWW-Authenticate') || '')) return r;
+    if (apiKey !== used) continue;
+    const key = await askKey(used !== '');
     if (key === null) return r;
     apiKey = key;
-    sessionStorage.setItem('asagi.key', key);
+    store('sessionStorage', 'asagi.key', key);
   }
 }
 
@@ -174,33 +203,40 @@ function readDataUrl(file) {
   });
 }
 
-// Uploads (again) an attached image: the server decodes and encodes it, and answers its id.
-async function upload(att) {
-  att.state = 'encoding';
-  att.error = '';
-  renderAttachments();
-  try {
-    att.dataUrl = att.dataUrl || await readDataUrl(att.file);
-    for (let tries = 1; ; tries++) {
-      const r = await postJson('v1/images', { url: att.dataUrl });
-      if (r.ok) {
-        const j = await r.json();
-        Object.assign(att, { id: j.id, encodeMs: j.encode_ms, cached: j.cached, state: 'ready' });
-        return;
-      }
-      if (r.status === 503 && tries < 20) {
-        await sleep(retryAfter(r));
-        continue;
-      }
-      throw await apiError(r);
-    }
-  } catch (e) {
-    att.state = 'error';
-    att.error = e.message;
-    throw e;
-  } finally {
+const BUSY_TRIES = 10;
+
+// Uploads (again) an attached image: the server decodes and encodes it and answers its id. `att.ready` is the
+// latest upload's promise.
+function upload(att) {
+  att.ready = (async () => {
+    att.state = 'encoding';
+    att.error = '';
+    att.busy = 0;
     renderAttachments();
-  }
+    try {
+      att.dataUrl = att.dataUrl || await readDataUrl(att.file);
+      for (;;) {
+        const r = await postJson('v1/images', { url: att.dataUrl });
+        if (r.ok) {
+          const j = await r.json();
+          Object.assign(att, { id: j.id, encodeMs: j.encode_ms, cached: j.cached, state: 'ready' });
+          return;
+        }
+        if (r.status !== 503 || ++att.busy > BUSY_TRIES) throw await apiError(r);
+        // The server's upload queue is full: said on the thumbnail, tried again after Retry-After.
+        renderAttachments();
+        await sleep(retryAfter(r));
+      }
+    } catch (e) {
+      att.state = 'error';
+      att.error = e instanceof ApiError ? e.message : `サーバーに接続できません: ${e.message}`;
+      throw e;
+    } finally {
+      renderAttachments();
+    }
+  })();
+  att.ready.catch(() => {});
+  return att.ready;
 }
 
 function attach(files) {
@@ -214,8 +250,7 @@ function attach(files) {
       return;
     }
     const att = { file, name: file.name || '貼り付けた画像', thumb: URL.createObjectURL(file), state: 'new' };
-    att.ready = upload(att);
-    att.ready.catch(() => {});
+    upload(att);
     pending.push(att);
   }
   renderAttachments();
@@ -235,7 +270,8 @@ function renderAttachments() {
     status.className = 'status';
     status.textContent = att.state === 'ready'
       ? (att.cached ? 'キャッシュ済み' : `エンコード ${Math.round(att.encodeMs)} ms`)
-      : att.state === 'error' ? att.error : 'エンコード中…';
+      : att.state === 'error' ? att.error
+      : att.busy ? `サーバーが混雑しています。再試行 ${att.busy}/${BUSY_TRIES}` : 'エンコード中…';
     const remove = document.createElement('button');
     remove.type = 'button';
     remove.className = 'remove';
@@ -244,7 +280,9 @@ function renderAttachments() {
     remove.setAttribute('aria-label', `${att.name} を外す`);
     remove.onclick = () => {
       pending = pending.filter((a) => a !== att);
+      URL.revokeObjectURL(att.thumb);
       renderAttachments();
+      $('input').focus();
     };
     el.append(img, status, remove);
     return el;
@@ -254,7 +292,8 @@ function renderAttachments() {
 // ---- The conversation -----------------------------------------------------------------------------------------
 
 const conversation = []; // {role: 'user', text, images: [att]} | {role: 'assistant', text}
-let running = null; // the AbortController of the answer being generated
+let running = null; // the AbortController of the question being sent and answered
+let epoch = 0; // counts new conversations: an answer ending after "new conversation" leaves the new one alone
 
 function notice(text) {
   const n = $('notice');
@@ -308,18 +347,27 @@ function setBusy(busy) {
   $('log').setAttribute('aria-busy', String(busy));
 }
 
+// Resolves when the signal aborts.
+const aborted = (signal) => new Promise((resolve) => signal.addEventListener('abort', resolve, { once: true }));
+
 async function send() {
   if (running) return;
   const text = $('input').value.trim();
   if (!text && !pending.length) return;
-  const images = pending;
   running = new AbortController();
+  const stop = aborted(running.signal);
   setBusy(true);
   notice('');
-  try {
-    await Promise.all(images.map((att) => att.ready));
-  } catch {
-    notice('添付した画像を送れません。外すか、別の画像にしてください。');
+  // Wait for the attached images' uploads (images attached or taken off meanwhile included), or for Stop.
+  let images;
+  do {
+    images = pending.slice();
+    await Promise.race([Promise.allSettled(images.map((att) => att.ready)), stop]);
+  } while (!running.signal.aborted && (images.length !== pending.length || images.some((a, i) => a !== pending[i])));
+  const failed = images.filter((att) => att.state !== 'ready');
+  if (running.signal.aborted || failed.length) {
+    // Nothing was sent: the question and its images stay where they are.
+    if (failed.length) notice(`送れない画像があります（${failed.map((a) => a.name).join('、')}）。外してから送信してください。`);
     running = null;
     setBusy(false);
     return;
@@ -335,19 +383,26 @@ async function send() {
 
 // Generates the answer to the last question, streaming it into a new bubble.
 async function answer(question) {
+  const chat = epoch;
+  const signal = running.signal;
   const el = bubble('assistant');
   el.classList.add('streaming');
   const out = el.querySelector('.text');
   const started = performance.now();
-  let text = '', firstAt = 0, updates = 0, done = null, reuploaded = false;
+  let text = '', firstAt = 0, updates = 0, done = null, finish = '', complete = false, reuploaded = false;
   try {
     for (;;) {
       const body = { messages: conversation.map(toApi), stream: true, stream_options: { include_usage: true },
                      user: userId(), ...decoding(settings) };
-      const r = await postJson('v1/chat/completions', body, running.signal);
+      const r = await postJson('v1/chat/completions', body, signal);
       if (r.ok) {
         for await (const data of events(r.body)) {
-          if (data === '[DONE]') break;
+          // Events already received when Stop was pressed are not shown.
+          if (signal.aborted) throw new DOMException('stopped', 'AbortError');
+          if (data === '[DONE]') {
+            complete = true;
+            break;
+          }
           const chunk = JSON.parse(data);
           if (chunk.error) throw new ApiError(`生成中にエラーが発生しました: ${chunk.error.message}`);
           const choice = chunk.choices && chunk.choices[0];
@@ -360,50 +415,72 @@ async function answer(question) {
             el.dataset.updates = String(++updates);
             if (follow) window.scrollTo(0, document.body.scrollHeight);
           }
+          if (choice && choice.finish_reason) finish = choice.finish_reason;
           if (chunk.usage) done = chunk;
         }
+        // A stream cut before its end (the server stopped, a proxy gave up) is not an answer.
+        if (!complete) throw new ApiError('回答が途中で途切れました（接続が切れました）');
         break;
       }
       const err = await apiError(r);
       // The server gave up an uploaded image (its cache is bounded): upload the conversation's images again.
       if (r.status === 400 && /image cache/.test(err.message) && !reuploaded) {
         reuploaded = true;
-        await Promise.all(conversation.flatMap((m) => m.images || []).map(upload));
+        await Promise.race([Promise.all(conversation.flatMap((m) => m.images || []).map(upload)),
+                            aborted(signal).then(() => { throw new DOMException('stopped', 'AbortError'); })]);
         continue;
       }
       throw err;
     }
     conversation.push({ role: 'assistant', text });
+    if (finish === 'length') note(el, '（最大トークン数に達しました）');
     showStats(el, question, done, firstAt ? firstAt - started : 0);
   } catch (e) {
-    if (e.name === 'AbortError') {
+    if (chat !== epoch) {
+      // The conversation was cleared while this answer ran.
+    } else if (e.name === 'AbortError' && !text) {
+      // Stopped before the first word: as if not sent.
+      takeBack(question);
+      note(el, '（停止しました）');
+      el.dataset.stopped = 'true';
+    } else if (e.name === 'AbortError') {
       // What was shown stays in the conversation: the next question continues from it.
       conversation.push({ role: 'assistant', text });
-      const s = document.createElement('div');
-      s.className = 'stopped';
-      s.textContent = '（停止しました）';
-      el.append(s);
+      note(el, '（停止しました）');
       el.dataset.stopped = 'true';
     } else if (text) {
       conversation.push({ role: 'assistant', text });
       failed(el, e);
     } else {
-      // Nothing was answered: the question leaves the conversation and goes back to the input to edit or resend.
-      conversation.splice(conversation.indexOf(question), 1);
-      question.el.classList.add('failed');
-      if (!$('input').value) $('input').value = question.text;
-      if (!pending.length) {
-        pending = question.images;
-        renderAttachments();
-      }
+      takeBack(question);
       failed(el, e);
     }
   } finally {
+    const follow = atBottom();
     el.classList.remove('streaming');
     el.dataset.done = 'true';
+    if (follow) el.scrollIntoView({ block: 'end' });
     running = null;
     setBusy(false);
   }
+}
+
+// A question that got no answer leaves the conversation and goes back to the input, to edit or send again.
+function takeBack(question) {
+  conversation.splice(conversation.indexOf(question), 1);
+  question.el.classList.add('failed');
+  if (!$('input').value) $('input').value = question.text;
+  if (!pending.length) {
+    pending = question.images;
+    renderAttachments();
+  }
+}
+
+function note(el, text) {
+  const s = document.createElement('div');
+  s.className = 'note';
+  s.textContent = text;
+  el.append(s);
 }
 
 function failed(el, e) {
@@ -431,21 +508,23 @@ function showStats(el, question, chunk, ttftMs) {
   const s = document.createElement('div');
   s.className = 'stats';
   s.textContent = parts.join(' · ');
-  Object.assign(s.dataset, { prefill: t.prompt_n, cached, tokens: t.predicted_n, encodeMs: Math.round(encodeMs) });
+  Object.assign(s.dataset, { prefill: t.prompt_n, cached, tokens: t.predicted_n, encodeMs: encodeMs.toFixed(2) });
   el.append(s);
 }
 
 function userId() {
   // Cached-token counts are reported for the same `user` only: one id per browser tab.
-  let id = sessionStorage.getItem('asagi.user');
+  let id = stored('sessionStorage', 'asagi.user') || window.asagiUser;
   if (!id) {
     id = 'web-' + crypto.getRandomValues(new Uint32Array(4)).join('-');
-    sessionStorage.setItem('asagi.user', id);
+    window.asagiUser = id;
+    store('sessionStorage', 'asagi.user', id);
   }
   return id;
 }
 
 function newChat() {
+  epoch++;
   if (running) running.abort();
   conversation.length = 0;
   $('log').replaceChildren($('empty'));
@@ -484,7 +563,7 @@ function wire() {
   $('settings').onchange = readSettings;
   $('reset-settings').onclick = () => {
     settings = { ...DEFAULTS };
-    localStorage.removeItem('asagi.settings');
+    store('localStorage', 'asagi.settings', null);
     showSettings();
   };
   $('new-chat').onclick = newChat;
@@ -495,11 +574,12 @@ function wire() {
   $('stop').onclick = () => running && running.abort();
   const input = $('input');
   input.addEventListener('keydown', (e) => {
+    // Enter (or Esc) that confirms (or cancels) an IME conversion (kana -> kanji) is for the IME, not the page:
+    // `isComposing` during a composition, keyCode 229 for the key that ends it (Safari fires compositionend first,
+    // then this keydown).
+    if (e.isComposing || e.keyCode === 229) return;
     if (e.key === 'Escape' && running) running.abort();
     if (e.key !== 'Enter' || e.shiftKey) return;
-    // Enter that confirms an IME conversion (kana -> kanji) is not a send: `isComposing` during a composition,
-    // keyCode 229 for the Enter that ends it (Safari fires compositionend first, then this keydown).
-    if (e.isComposing || e.keyCode === 229) return;
     e.preventDefault();
     send();
   });
@@ -508,7 +588,9 @@ function wire() {
     e.target.value = '';
   };
   document.addEventListener('paste', (e) => {
-    const files = [...(e.clipboardData ? e.clipboardData.files : [])];
+    const data = e.clipboardData;
+    // Text copied from a spreadsheet or document often comes with a picture of itself: the text wins.
+    const files = data && !data.types.includes('text/plain') ? [...data.files] : [];
     if (files.length) {
       e.preventDefault();
       attach(files);
@@ -523,7 +605,7 @@ function wire() {
   document.addEventListener('dragleave', (e) => {
     if (!hasFiles(e)) return;
     depth = Math.max(0, depth - 1);
-    $('drop').hidden = depth > 0 ? false : true;
+    $('drop').hidden = depth === 0;
   });
   document.addEventListener('dragover', (e) => {
     if (hasFiles(e)) e.preventDefault();

@@ -26,7 +26,9 @@ const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-
 
 /// The page's routes, merged into the server's router (no state: the files are constants).
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    FILES.iter().fold(Router::new(), |r, &(path, body, kind)| r.route(path, get(move || async move { file(body, kind) })))
+    FILES
+        .iter()
+        .fold(Router::new(), |r, &(path, body, kind)| r.route(path, get(move || async move { file(body, kind) })))
 }
 
 fn file(body: &'static str, kind: &'static str) -> Response {
