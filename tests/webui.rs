@@ -203,7 +203,8 @@ const SYNTHETIC_FILE: &str = r#"
         }
         done(true);
     };
-    if (type.startsWith('image/')) canvas.toBlob(give, type); else give(new Blob(['not an image']));
+    if (type.startsWith('image/') && !name.startsWith('broken')) canvas.toBlob(give, type);
+    else give(new Blob(['not an image']));
 "#;
 
 #[test]
@@ -247,6 +248,17 @@ fn the_chat_page_in_a_browser() {
     // One of them taken off again.
     b.click(".thumb:nth-child(3) .remove");
     b.wait("two images", "document.querySelectorAll('.thumb').length === 2");
+    // A file that claims to be a PNG: the server's 400 is shown on its thumbnail, and the question cannot be sent
+    // with it.
+    b.js_async(SYNTHETIC_FILE, vec![json!("paste"), json!("broken.png"), json!("image/png")]);
+    b.wait("the bad image's error", "document.querySelector('.thumb[data-state=error]')");
+    let bad = b.js("return document.querySelector('.thumb[data-state=error] .status').textContent;", vec![]);
+    assert!(bad.as_str().unwrap().contains("400"), "{bad}");
+    b.type_into("#input", "送れる？\u{E007}");
+    b.wait("the notice", "document.getElementById('notice').textContent.includes('broken.png')");
+    assert_eq!(b.js("return document.querySelectorAll('.msg').length;", vec![]), json!(0), "nothing sent");
+    b.click(".thumb[data-state=error] .remove");
+    b.js("document.getElementById('input').value = '';", vec![]);
 
     // Typing through an IME: Enter inside a composition confirms the conversion, and so does Safari's Enter with
     // keyCode 229 right after it; neither sends. Shift+Enter starts a new line; Enter then sends.
