@@ -3,7 +3,8 @@
 //! `serve` on the demo's tiny model with `--api-key`. What a user does: gives the key when asked, attaches images by
 //! file picker, paste and drag-and-drop, types a question through an IME (Enter inside a composition must not
 //! send), sends, watches the answer stream, stops a long answer, asks a follow-up that the prefix cache serves, sees
-//! an error from the API. A screenshot is saved under target/tmp/webui/.
+//! the API's errors (a bad image, a request over the context, a busy server), uses the page behind a reverse proxy
+//! under a path. A screenshot is saved under target/tmp/webui/.
 //!
 //! Without Chromium and chromedriver the test fails and says what to install: it never passes without a browser.
 //! The emulated ARM leg of CI leaves it out (`--cfg asagi_no_browser`): the page is the same bytes on every
@@ -181,6 +182,18 @@ fn stats(server: &Server) -> Value {
     r.json().unwrap()
 }
 
+fn wait_stats(server: &Server, what: &str, f: impl Fn(&Value) -> bool) {
+    let t = Instant::now();
+    loop {
+        let s = stats(server);
+        if f(&s) {
+            return;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 const LAST_ANSWER: &str = "[...document.querySelectorAll('.msg.assistant')].at(-1)";
 
 /// A picture drawn in the page, handed to the page's paste or drop handler as a user's file would be.
@@ -211,7 +224,7 @@ const SYNTHETIC_FILE: &str = r#"
 fn the_chat_page_in_a_browser() {
     let dir = tempfile::tempdir().unwrap();
     let (llm, mmproj, image) = demo_model(dir.path());
-    let server = Server::start(&llm, &mmproj, &["-c", "2048", "--parallel", "1", "--api-key", KEY]);
+    let server = Server::start(&llm, &mmproj, &["-c", "2048", "--parallel", "1", "--queue", "1", "--api-key", KEY]);
 
     // The page itself needs no key and confines itself (scripts and requests from this server only).
     let page = client(Duration::from_secs(5)).get(server.url("/")).send().unwrap();
@@ -324,15 +337,7 @@ fn the_chat_page_in_a_browser() {
     b.wait("the answer stopped", &format!("{LAST_ANSWER}?.dataset.stopped"));
     let stopped = b.js(&format!("return {LAST_ANSWER}.querySelector('.text').textContent;"), vec![]);
     assert_eq!(b.js("return window.shownAtStop;", vec![]), stopped, "nothing arrives after Stop");
-    let t = Instant::now();
-    loop {
-        let s = stats(&server);
-        if s["cancelled"] == 1 && s["slots_busy"] == 0 {
-            break;
-        }
-        assert!(t.elapsed() < Duration::from_secs(5), "the server did not cancel the stopped answer: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_stats(&server, "the stopped answer cancelled on the server", |s| s["cancelled"] == 1 && s["slots_busy"] == 0);
     assert_eq!(b.js(&format!("return {LAST_ANSWER}.querySelector('.text').textContent;"), vec![]), stopped);
     assert_eq!(stats(&server)["completed"], 1);
 
@@ -360,6 +365,35 @@ fn the_chat_page_in_a_browser() {
     let error = b.js(&format!("return {LAST_ANSWER}.querySelector('.error').textContent;"), vec![]);
     assert!(error.as_str().unwrap().contains("max_tokens") && error.as_str().unwrap().contains("400"), "{error}");
     assert_eq!(b.js("return document.getElementById('input').value;", vec![]), json!("もう一度"));
+
+    // A busy server: another client's long answer holds the one slot and its second request the one place in the
+    // queue (`--queue 1`), so the page's request gets 503, which it shows.
+    let long = json!({"messages": [{"role": "user", "content": "長い話"}], "max_tokens": 1500, "min_tokens": 1500,
+                      "num_beams": 1, "temperature": 0, "stream": true});
+    let other = || {
+        let url = server.url("/v1/chat/completions");
+        let r = client(Duration::from_secs(120)).post(url).bearer_auth(KEY).json(&long).send().unwrap();
+        assert_eq!(r.status(), 200);
+        r
+    };
+    let running = other();
+    wait_stats(&server, "the other client's answer running", |s| s["slots_busy"] == 1);
+    let queued = other();
+    wait_stats(&server, "the other client's second request queued", |s| s["queued"] == 1);
+    set("#max-tokens", "16");
+    let answers = b.js("return document.querySelectorAll('.msg.assistant').length;", vec![]);
+    b.type_into("#input", "\u{E007}");
+    b.wait(
+        "the busy error",
+        &format!("document.querySelectorAll('.msg.assistant').length === {answers} + 1 && {LAST_ANSWER}.dataset.error"),
+    );
+    let s = stats(&server);
+    assert!(s["slots_busy"] == 1 && s["queued"] == 1, "the other client's requests still hold the server: {s}");
+    let error = b.js(&format!("return {LAST_ANSWER}.querySelector('.error').textContent;"), vec![]);
+    assert!(error.as_str().unwrap().contains("503") && error.as_str().unwrap().contains("混雑"), "{error}");
+    drop((running, queued));
+    wait_stats(&server, "the other client gone", |s| s["slots_busy"] == 0 && s["queued"] == 0);
+
     // Back to the card's decoding.
     b.click("#reset-settings");
     assert_eq!(

@@ -365,9 +365,13 @@ async function send() {
     await Promise.race([Promise.allSettled(images.map((att) => att.ready)), stop]);
   } while (!running.signal.aborted && (images.length !== pending.length || images.some((a, i) => a !== pending[i])));
   const failed = images.filter((att) => att.state !== 'ready');
-  if (running.signal.aborted || failed.length) {
+  // The question as it reads now (it could be edited while the images were uploading).
+  const question = $('input').value.trim();
+  if (running.signal.aborted || failed.length || (!question && !images.length)) {
     // Nothing was sent: the question and its images stay where they are.
-    if (failed.length) notice(`送れない画像があります（${failed.map((a) => a.name).join('、')}）。外してから送信してください。`);
+    if (failed.length && !running.signal.aborted) {
+      notice(`送れない画像があります（${failed.map((a) => a.name).join('、')}）。外してから送信してください。`);
+    }
     running = null;
     setBusy(false);
     return;
@@ -375,7 +379,7 @@ async function send() {
   pending = [];
   renderAttachments();
   $('input').value = '';
-  const m = { role: 'user', text, images };
+  const m = { role: 'user', text: question, images };
   conversation.push(m);
   m.el = showUser(m);
   await answer(m);
@@ -390,6 +394,7 @@ async function answer(question) {
   const out = el.querySelector('.text');
   const started = performance.now();
   let text = '', firstAt = 0, updates = 0, done = null, finish = '', complete = false, reuploaded = false;
+  let following = true; // the reader is at the end of the conversation (showUser scrolled there)
   try {
     for (;;) {
       const body = { messages: conversation.map(toApi), stream: true, stream_options: { include_usage: true },
@@ -408,12 +413,12 @@ async function answer(question) {
           const choice = chunk.choices && chunk.choices[0];
           const delta = choice && choice.delta && choice.delta.content;
           if (delta) {
-            const follow = atBottom();
+            following = atBottom();
             firstAt = firstAt || performance.now();
             text += delta;
             out.textContent = text;
             el.dataset.updates = String(++updates);
-            if (follow) window.scrollTo(0, document.body.scrollHeight);
+            if (following) window.scrollTo(0, document.body.scrollHeight);
           }
           if (choice && choice.finish_reason) finish = choice.finish_reason;
           if (chunk.usage) done = chunk;
@@ -426,8 +431,9 @@ async function answer(question) {
       // The server gave up an uploaded image (its cache is bounded): upload the conversation's images again.
       if (r.status === 400 && /image cache/.test(err.message) && !reuploaded) {
         reuploaded = true;
-        await Promise.race([Promise.all(conversation.flatMap((m) => m.images || []).map(upload)),
-                            aborted(signal).then(() => { throw new DOMException('stopped', 'AbortError'); })]);
+        const stopped = aborted(signal).then(() => { throw new DOMException('stopped', 'AbortError'); });
+        stopped.catch(() => {}); // when the uploads win the race, a later Stop rejects it unobserved
+        await Promise.race([Promise.all(conversation.flatMap((m) => m.images || []).map(upload)), stopped]);
         continue;
       }
       throw err;
@@ -456,10 +462,10 @@ async function answer(question) {
       failed(el, e);
     }
   } finally {
-    const follow = atBottom();
     el.classList.remove('streaming');
     el.dataset.done = 'true';
-    if (follow) el.scrollIntoView({ block: 'end' });
+    // What was appended at the end (costs, a note, an error) stays in view if the reader was following.
+    if (following) window.scrollTo(0, document.body.scrollHeight);
     running = null;
     setBusy(false);
   }
