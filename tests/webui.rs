@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::server::{client, Server};
+use common::server::{client, status_of, Server};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 
@@ -177,23 +177,6 @@ fn demo_model(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
     (dir.join("asagi-tiny-Q4_K_M.gguf"), dir.join("mmproj-asagi-tiny-Q8_0.gguf"), dir.join("test-card.png"))
 }
 
-fn stats(server: &Server) -> Value {
-    let r = client(Duration::from_secs(5)).get(server.url("/stats")).bearer_auth(KEY).send().unwrap();
-    r.json().unwrap()
-}
-
-fn wait_stats(server: &Server, what: &str, f: impl Fn(&Value) -> bool) {
-    let t = Instant::now();
-    loop {
-        let s = stats(server);
-        if f(&s) {
-            return;
-        }
-        assert!(t.elapsed() < Duration::from_secs(10), "timed out waiting for {what}: {s}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 const LAST_ANSWER: &str = "[...document.querySelectorAll('.msg.assistant')].at(-1)";
 
 /// A picture drawn in the page, handed to the page's paste or drop handler as a user's file would be.
@@ -234,6 +217,17 @@ fn the_chat_page_in_a_browser() {
     assert!(csp.contains("script-src 'self'") && csp.contains("frame-ancestors 'none'"), "{csp}");
     let html = page.text().unwrap();
     assert!(html.contains(r#"<html lang="ja">"#) && html.contains(r#"src="app.js""#), "relative URLs only");
+    // Only those files, only GET, only for this server's name (DNS rebinding).
+    for (request, status) in [
+        ("GET /../../etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\n", 404),
+        ("GET /%2e%2e/%2e%2e/etc/passwd HTTP/1.1\r\nHost: 127.0.0.1\r\n", 404),
+        ("GET /app.js/ HTTP/1.1\r\nHost: 127.0.0.1\r\n", 404),
+        ("POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n", 405),
+        ("GET / HTTP/1.1\r\nHost: evil.example\r\n", 403),
+    ] {
+        let answer = server.raw(format!("{request}Connection: close\r\n\r\n").as_bytes(), Duration::from_secs(5));
+        assert_eq!(status_of(&answer), status, "{request}");
+    }
 
     let driver = Driver::start();
     let profile = tempfile::tempdir().unwrap();
@@ -257,7 +251,7 @@ fn the_chat_page_in_a_browser() {
     b.wait("three encoded images", "document.querySelectorAll('.thumb[data-state=ready]').length === 3");
     let notice = b.js("return document.getElementById('notice').textContent;", vec![]);
     assert!(notice.as_str().unwrap().contains("notes.txt"), "{notice}");
-    assert_eq!(stats(&server)["image_cache"]["misses"], 3, "each image uploaded and encoded once, before sending");
+    assert_eq!(server.stats()["image_cache"]["misses"], 3, "each image uploaded and encoded once, before sending");
     // One of them taken off again.
     b.click(".thumb:nth-child(3) .remove");
     b.wait("two images", "document.querySelectorAll('.thumb').length === 2");
@@ -337,9 +331,10 @@ fn the_chat_page_in_a_browser() {
     b.wait("the answer stopped", &format!("{LAST_ANSWER}?.dataset.stopped"));
     let stopped = b.js(&format!("return {LAST_ANSWER}.querySelector('.text').textContent;"), vec![]);
     assert_eq!(b.js("return window.shownAtStop;", vec![]), stopped, "nothing arrives after Stop");
-    wait_stats(&server, "the stopped answer cancelled on the server", |s| s["cancelled"] == 1 && s["slots_busy"] == 0);
+    server
+        .wait_stats(10, "the stopped answer cancelled on the server", |s| s["cancelled"] == 1 && s["slots_busy"] == 0);
     assert_eq!(b.js(&format!("return {LAST_ANSWER}.querySelector('.text').textContent;"), vec![]), stopped);
-    assert_eq!(stats(&server)["completed"], 1);
+    assert_eq!(server.stats()["completed"], 1);
 
     // A follow-up continues the conversation (images, answers, the stopped one too): the server's prefix cache
     // holds it, and the page says how much came from it.
@@ -377,9 +372,9 @@ fn the_chat_page_in_a_browser() {
         r
     };
     let running = other();
-    wait_stats(&server, "the other client's answer running", |s| s["slots_busy"] == 1);
+    server.wait_stats(10, "the other client's answer running", |s| s["slots_busy"] == 1);
     let queued = other();
-    wait_stats(&server, "the other client's second request queued", |s| s["queued"] == 1);
+    server.wait_stats(10, "the other client's second request queued", |s| s["queued"] == 1);
     set("#max-tokens", "16");
     let answers = b.js("return document.querySelectorAll('.msg.assistant').length;", vec![]);
     b.type_into("#input", "\u{E007}");
@@ -387,12 +382,12 @@ fn the_chat_page_in_a_browser() {
         "the busy error",
         &format!("document.querySelectorAll('.msg.assistant').length === {answers} + 1 && {LAST_ANSWER}.dataset.error"),
     );
-    let s = stats(&server);
+    let s = server.stats();
     assert!(s["slots_busy"] == 1 && s["queued"] == 1, "the other client's requests still hold the server: {s}");
     let error = b.js(&format!("return {LAST_ANSWER}.querySelector('.error').textContent;"), vec![]);
     assert!(error.as_str().unwrap().contains("503") && error.as_str().unwrap().contains("混雑"), "{error}");
     drop((running, queued));
-    wait_stats(&server, "the other client gone", |s| s["slots_busy"] == 0 && s["queued"] == 0);
+    server.wait_stats(10, "the other client gone", |s| s["slots_busy"] == 0 && s["queued"] == 0);
 
     // Back to the card's decoding.
     b.click("#reset-settings");

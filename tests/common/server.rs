@@ -12,6 +12,8 @@ use serde_json::Value;
 pub struct Server {
     child: Child,
     pub port: u16,
+    /// `--api-key`'s value, if the server was started with one: sent by `stats`.
+    key: Option<String>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -39,7 +41,8 @@ impl Server {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut server = Server { child, port, log, _dir: dir };
+        let key = args.windows(2).find(|w| w[0] == "--api-key").map(|w| w[1].to_string());
+        let mut server = Server { child, port, key, log, _dir: dir };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(60) {
             if TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -79,7 +82,11 @@ impl Server {
     }
 
     pub fn stats(&self) -> Value {
-        client(Duration::from_secs(5)).get(self.url("/stats")).send().unwrap().json().unwrap()
+        let mut r = client(Duration::from_secs(5)).get(self.url("/stats"));
+        if let Some(key) = &self.key {
+            r = r.bearer_auth(key);
+        }
+        r.send().unwrap().json().unwrap()
     }
 
     /// Polls `/stats` until `f` holds (or panics after `secs`).

@@ -84,7 +84,8 @@ function decoding(s) {
     case 'greedy': return { ...d, num_beams: 1, temperature: 0 };
     case 'beam': return { ...d, num_beams: Math.round(s.beams), temperature: 0 };
     case 'sample': return { ...d, num_beams: 1, temperature: s.temperature, top_k: 50, top_p: 1 };
-    default: return { ...d, num_beams: 5, temperature: 0.7, repetition_penalty: 1.5, top_k: 50, top_p: 1 };
+    default: return { ...d, num_beams: DEFAULTS.beams, temperature: DEFAULTS.temperature,
+                      repetition_penalty: DEFAULTS.repetition, top_k: 50, top_p: 1 };
   }
 }
 
@@ -148,6 +149,9 @@ function postJson(path, body, signal) {
 }
 
 class ApiError extends Error {}
+
+// What to tell the user of a failure: the API's own message, or that the server could not be reached.
+const describe = (e) => (e instanceof ApiError ? e.message : `サーバーに接続できません: ${e.message}`);
 
 // The server's error message for a failed response, with what the status means for the user.
 async function apiError(r) {
@@ -229,7 +233,7 @@ function upload(att) {
       }
     } catch (e) {
       att.state = 'error';
-      att.error = e instanceof ApiError ? e.message : `サーバーに接続できません: ${e.message}`;
+      att.error = describe(e);
       throw e;
     } finally {
       renderAttachments();
@@ -442,24 +446,17 @@ async function answer(question) {
     if (finish === 'length') note(el, '（最大トークン数に達しました）');
     showStats(el, question, done, firstAt ? firstAt - started : 0);
   } catch (e) {
-    if (chat !== epoch) {
-      // The conversation was cleared while this answer ran.
-    } else if (e.name === 'AbortError' && !text) {
-      // Stopped before the first word: as if not sent.
-      takeBack(question);
-      note(el, '（停止しました）');
-      el.dataset.stopped = 'true';
-    } else if (e.name === 'AbortError') {
-      // What was shown stays in the conversation: the next question continues from it.
-      conversation.push({ role: 'assistant', text });
-      note(el, '（停止しました）');
-      el.dataset.stopped = 'true';
-    } else if (text) {
-      conversation.push({ role: 'assistant', text });
-      failed(el, e);
-    } else {
-      takeBack(question);
-      failed(el, e);
+    // Unless the conversation was cleared meanwhile: what was shown stays in the conversation (the next question
+    // continues from it); a question with no answer at all goes back to the input.
+    if (chat === epoch) {
+      if (text) conversation.push({ role: 'assistant', text });
+      else takeBack(question);
+      if (e.name === 'AbortError') {
+        note(el, '（停止しました）');
+        el.dataset.stopped = 'true';
+      } else {
+        failed(el, e);
+      }
     }
   } finally {
     el.classList.remove('streaming');
@@ -492,7 +489,7 @@ function note(el, text) {
 function failed(el, e) {
   const d = document.createElement('div');
   d.className = 'error';
-  d.textContent = e instanceof ApiError ? e.message : `サーバーに接続できません: ${e.message}`;
+  d.textContent = describe(e);
   el.append(d);
   el.dataset.error = 'true';
 }
@@ -551,7 +548,7 @@ async function loadModel() {
     vision = !(m.meta && m.meta.vision === false);
     $('attach').classList.toggle('off', !vision);
   } catch (e) {
-    notice(e instanceof ApiError ? e.message : `サーバーに接続できません: ${e.message}`);
+    notice(describe(e));
   }
 }
 

@@ -13,10 +13,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 
+const INDEX: &str = include_str!("index.html");
+
 /// (route, file, content type): the page and what it loads.
 const FILES: &[(&str, &str, &str)] = &[
-    ("/", include_str!("index.html"), "text/html; charset=utf-8"),
-    ("/index.html", include_str!("index.html"), "text/html; charset=utf-8"),
+    ("/", INDEX, "text/html; charset=utf-8"),
+    ("/index.html", INDEX, "text/html; charset=utf-8"),
     ("/app.js", include_str!("app.js"), "text/javascript; charset=utf-8"),
     ("/app.css", include_str!("app.css"), "text/css; charset=utf-8"),
 ];
