@@ -95,7 +95,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let ip = reps(&mut || bench::prefill_embeddings(&mut s, n_img))?;
             row(&format!("image prefill ({n_img} tokens)"), format!("{ip:.2} tok/s"));
         }
-        let mut enc = VisionEncoder::new(v, &backends)?;
+        let mut enc = VisionEncoder::new(v, &loaded.vision_backends())?;
         let px = bench::test_pixels(v.hp.image_size);
         if want("image") {
             let enc_ms = reps(&mut || {

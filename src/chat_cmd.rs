@@ -62,7 +62,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let backends = loaded.backends();
     let mut session = loaded.session(&model, &backends)?;
     let n_embd = model.hp.n_embd;
-    let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
+    let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &loaded.vision_backends())).transpose()?;
     let n_image_tokens = vmodel.as_ref().map_or(0, |v| v.hp.n_image_tokens());
     let caches = Caches::for_loaded(&args.cache, &loaded, &session, n_image_tokens, args.session.is_some())?;
     let mut conv = Conversation::new(&mut session);
@@ -193,6 +193,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
                 if from_prefix {
                     conv.reset(); // the restored prefix was this failed turn's
                 }
+                // An RPC server holding some of the blocks has failed: what it held is gone, the chat cannot go on.
+                conv.session.health().context("the conversation cannot go on")?;
                 eprintln!("error: {e:#}");
             }
         }

@@ -43,7 +43,7 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     let Some(vmodel) = loaded.vision(&model)? else { bail!("encode needs --mmproj") };
     let backends = loaded.backends();
     let mut session = loaded.session(&model, &backends)?;
-    let mut encoder = VisionEncoder::new(&vmodel, &backends)?;
+    let mut encoder = VisionEncoder::new(&vmodel, &loaded.vision_backends())?;
     let caches = Caches::for_loaded(&args.cache, &loaded, &session, vmodel.hp.n_image_tokens(), false)?;
     // The template's tokens up to its image: the same for every question.
     let ids = tok.encode(&asagi_prompt("", 1), true)?;

@@ -7,11 +7,12 @@ use anyhow::{bail, Context as _, Result};
 use ggml::gguf::GgufFile;
 use ggml::{Backend, Type};
 
-use crate::llm::{is_matmul_weight, offloaded_tensors, KvCache, LlamaModel, Session, SessionParams};
+use crate::devices::{Remotes, Split};
+use crate::llm::{is_matmul_weight, offloaded_tensors, HParams, KvCache, LlamaModel, Session, SessionParams};
 use crate::memory::{self, Estimate, MemCheck};
 use crate::tokenizer::Tokenizer;
 use crate::vision::{VisionEncoder, VisionModel};
-use crate::weights::{self, Placement};
+use crate::weights::{self, Offload, Placement};
 
 /// The model files and how to run them (shared by `run` and `chat`).
 #[derive(clap::Args, Debug, Clone)]
@@ -48,6 +49,15 @@ pub struct ModelArgs {
     /// Needs a large enough `ulimit -l` (RLIMIT_MEMLOCK); if the lock fails a warning says so and loading goes on.
     #[arg(long)]
     pub mlock: bool,
+    /// Split the language model's blocks across this machine and these RPC servers (`asagi-gguf rpc-server` on
+    /// other machines of a trusted network): HOST:PORT[,HOST:PORT...]. Each block's weights and KV cache go to
+    /// its device; the vision encoder and sampling stay here.
+    #[arg(long, value_delimiter = ',', value_name = "HOST:PORT")]
+    pub rpc: Vec<String>,
+    /// Shares of the blocks for this machine, then each RPC server's device, e.g. 1,3 [default: in proportion to
+    /// the memory each reports].
+    #[arg(long, value_delimiter = ',', value_name = "SHARES", requires = "rpc")]
+    pub tensor_split: Vec<f64>,
 }
 
 impl ModelArgs {
@@ -63,6 +73,8 @@ impl ModelArgs {
             threads: None,
             mem_check: MemCheck::On,
             mlock: false,
+            rpc: Vec::new(),
+            tensor_split: Vec::new(),
         }
     }
 
@@ -84,6 +96,9 @@ pub struct Loaded {
     pub tok: Tokenizer,
     cpu: Backend,
     gpu: Option<Backend>,
+    /// The RPC servers holding some of the blocks (`--rpc`), and how the blocks are split.
+    pub remotes: Remotes,
+    pub split: Option<Split>,
     cache_type: Type,
     ctx_size: Option<usize>,
     /// What `open` estimated it would hold (printed before loading).
@@ -119,22 +134,47 @@ impl Loaded {
                 "-ngl needs a GPU: this build has no GPU backend or found no device (build with --features cuda, metal or vulkan)",
             )?),
         };
-        let offloaded = match &gpu {
-            Some(_) => offloaded_tensors(&llm, a.n_gpu_layers)?,
+        let mut offload = match &gpu {
+            Some(g) => vec![Offload {
+                buft: g.buffer_type(),
+                label: g.name(),
+                names: offloaded_tensors(&llm, a.n_gpu_layers)?,
+                remote: false,
+            }],
             None => Vec::new(),
         };
-        let llm_plan = weights::plan(&llm, &offloaded, !a.no_repack, is_matmul_weight);
-        let mm_plan = mmproj.as_ref().map(|f| weights::plan(f, &[], !a.no_repack, crate::vision::is_matmul_weight));
+        // --rpc: the servers are reached and checked before anything is loaded.
+        if !a.rpc.is_empty() && a.n_gpu_layers > 0 {
+            bail!("--rpc together with --n-gpu-layers is not supported yet: split across this machine's CPU and the servers, or use the GPU alone");
+        }
+        let remotes = Remotes::connect(&a.rpc)?;
+        let split = match remotes.is_empty() {
+            true => None,
+            false => {
+                let split = Split::new(&llm, HParams::read(&llm)?.n_layer, &remotes, &a.tensor_split)?;
+                eprintln!("{}", split.summary(&remotes));
+                offload.extend(split.offload.iter().cloned());
+                Some(split)
+            }
+        };
+        let llm_plan = weights::plan(&llm, offload, !a.no_repack, is_matmul_weight);
+        let mm_plan =
+            mmproj.as_ref().map(|f| weights::plan(f, Vec::new(), !a.no_repack, crate::vision::is_matmul_weight));
 
-        let estimate = estimate(&llm, &llm_plan, mmproj.as_ref().zip(mm_plan.as_ref()), &cpu, a, cache_type)?;
+        let estimate =
+            estimate(&llm, &llm_plan, mmproj.as_ref().zip(mm_plan.as_ref()), &cpu, a, cache_type, split.as_ref())?;
+        if let Some(split) = &split {
+            check_remote_memory(&llm, split, &remotes, a, cache_type)?;
+        }
 
-        let llm_placed = weights::apply(&llm, &llm_plan, gpu.as_ref())?;
+        let llm_placed = weights::apply(&llm, &llm_plan)?;
+        remotes.health()?;
         if a.mlock {
             lock_weights(&llm, &llm_placed, &llm_plan.moved());
         }
         let mmproj = match (mmproj, mm_plan) {
             (Some(f), Some(p)) => {
-                let placed = weights::apply(&f, &p, None)?;
+                let placed = weights::apply(&f, &p)?;
                 if a.mlock {
                     lock_weights(&f, &placed, &p.moved());
                 }
@@ -142,11 +182,28 @@ impl Loaded {
             }
             _ => None,
         };
-        Ok(Loaded { llm, llm_placed, mmproj, tok, cpu, gpu, cache_type, ctx_size: a.ctx_size, estimate })
+        Ok(Loaded {
+            llm,
+            llm_placed,
+            mmproj,
+            tok,
+            cpu,
+            gpu,
+            remotes,
+            split,
+            cache_type,
+            ctx_size: a.ctx_size,
+            estimate,
+        })
     }
 
-    /// GPU first (when there is one), CPU last.
+    /// The language model's backends: GPU first (when there is one), the RPC servers' devices, CPU last.
     pub fn backends(&self) -> Vec<&Backend> {
+        self.gpu.iter().chain(self.remotes.devices.iter().map(|d| &d.backend)).chain([&self.cpu]).collect()
+    }
+
+    /// The vision encoder's backends: this machine's (the encoder never runs on an RPC server).
+    pub fn vision_backends(&self) -> Vec<&Backend> {
         self.gpu.iter().chain([&self.cpu]).collect()
     }
 
@@ -198,6 +255,39 @@ impl Loaded {
     }
 }
 
+/// Refuses a split that gives an RPC server more than the memory it reports free (weights and KV cache of its
+/// blocks; the server's compute buffer comes on top), unless `--mem-check off`.
+fn check_remote_memory(llm: &GgufFile, split: &Split, remotes: &Remotes, a: &ModelArgs, ty: Type) -> Result<()> {
+    let hp = HParams::read(llm)?;
+    let n_ctx = a.ctx_size.unwrap_or(hp.n_ctx_train);
+    let kv_block = KvCache::bytes_for(&hp, n_ctx, ty).unwrap_or(usize::MAX) / hp.n_layer.max(1);
+    for (i, (d, o)) in remotes.devices.iter().zip(&split.offload).enumerate() {
+        let weights = weights::bytes_of(llm, &o.names) as u64;
+        let kv = (kv_block as u64).saturating_mul(split.blocks_on(1 + i) as u64);
+        let need = weights + kv;
+        let gb = |b: u64| format!("{:.2} GB", b as f64 / 1e9);
+        eprintln!(
+            "{}: {} weights + {} KV cache, reports {} free",
+            d.label,
+            gb(weights),
+            gb(kv),
+            gb(d.memory_free as u64)
+        );
+        if need > d.memory_free as u64 && a.mem_check == MemCheck::On {
+            bail!(
+                "{} would hold {} (weights {} + KV cache {}) but reports {} free: give it a smaller share \
+                 (--tensor-split), use a smaller -c, or --mem-check off",
+                d.label,
+                gb(need),
+                gb(weights),
+                gb(kv),
+                gb(d.memory_free as u64)
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `--mlock`: pins a file's weights in RAM, the mapped pages used in place and the copies of the moved ones. A lock
 /// that fails (RLIMIT_MEMLOCK) is a warning, as in llama.cpp: the model still runs, only unpinned.
 fn lock_weights(file: &GgufFile, placed: &Placement, moved: &[String]) {
@@ -223,15 +313,26 @@ fn estimate(
     cpu: &Backend,
     a: &ModelArgs,
     cache_type: Type,
+    split: Option<&Split>,
 ) -> Result<Estimate> {
     let model = LlamaModel::load(llm)?;
     let n_ctx = a.ctx_size.unwrap_or(model.hp.n_ctx_train);
     let kv = KvCache::bytes_for(&model.hp, n_ctx, cache_type)
         .with_context(|| format!("a KV cache of {n_ctx} cells of {cache_type} does not fit this model"))?;
+    // With --rpc, this machine holds the cache of its own blocks only.
+    let (kv, kv_remote) = match split {
+        Some(s) => {
+            let here = kv / model.hp.n_layer.max(1) * s.blocks_on(0);
+            (here, kv - here)
+        }
+        None => (kv, 0),
+    };
     let mut e = Estimate {
         weights_mapped: llm_plan.mapped_bytes(llm) as u64,
         weights_repacked: llm_plan.repacked_bytes() as u64,
-        weights_gpu: llm_plan.gpu_bytes(llm) as u64,
+        weights_gpu: llm_plan.offload_bytes(llm, false) as u64,
+        weights_remote: llm_plan.offload_bytes(llm, true) as u64,
+        kv_remote: kv_remote as u64,
         kv: kv as u64,
         kv_cells: n_ctx,
         kv_type: cache_type.to_string(),

@@ -31,6 +31,8 @@ enum Command {
     Demo(asagi_gguf::demo_cmd::DemoArgs),
     /// Answer one question (with images) as the model card decodes: beam sample, 5 beams; flags override.
     Run(asagi_gguf::run_cmd::RunArgs),
+    /// ggml's RPC server on this machine's devices, for --rpc on another machine (trusted networks only).
+    RpcServer(asagi_gguf::rpc_server_cmd::RpcServerArgs),
     /// Print the token ids of a text.
     Tokenize(asagi_gguf::tokenize_cmd::TokenizeArgs),
     /// Write a random-weight Hugging Face Asagi checkpoint of a real size (or a tiny one), for benchmarks and demos.
@@ -70,6 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => asagi_gguf::serve::run(args)?,
         Command::Demo(args) => asagi_gguf::demo_cmd::run(args)?,
         Command::Encode(args) => asagi_gguf::encode_cmd::run(args)?,
+        Command::RpcServer(args) => asagi_gguf::rpc_server_cmd::run(args)?,
         Command::Tokenize(args) => asagi_gguf::tokenize_cmd::run(args)?,
         Command::Synth { size, out, seed, force, shard_mb } => {
             let t0 = std::time::Instant::now();

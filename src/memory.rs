@@ -30,6 +30,9 @@ pub struct Estimate {
     pub weights_repacked: u64,
     /// Weights uploaded to a GPU (not host memory; shown, not counted).
     pub weights_gpu: u64,
+    /// Weights and KV cache on RPC servers (`--rpc`; their memory, shown, not counted).
+    pub weights_remote: u64,
+    pub kv_remote: u64,
     /// The KV cache at the full context.
     pub kv: u64,
     /// Its shape, for the message: cells and type.
@@ -71,6 +74,14 @@ impl Estimate {
         let _ = write!(s, ", {} program = {} resident", gb(self.program), gb(self.total()));
         if self.weights_gpu > 0 {
             let _ = write!(s, "; {} of weights on the GPU", gb(self.weights_gpu));
+        }
+        if self.weights_remote > 0 {
+            let _ = write!(
+                s,
+                "; {} of weights and {} of KV cache on RPC servers",
+                gb(self.weights_remote),
+                gb(self.kv_remote)
+            );
         }
         s
     }
@@ -197,6 +208,8 @@ mod tests {
             weights_mapped: 1_900_000_000,
             weights_repacked: 0,
             weights_gpu: 0,
+            weights_remote: 0,
+            kv_remote: 0,
             kv: 805_306_368,
             kv_cells: 4096,
             kv_type: "f16".into(),

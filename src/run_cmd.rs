@@ -150,7 +150,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let vmodel = loaded.vision(&model)?;
     let backends = loaded.backends();
     let mut session = loaded.session(&model, &backends)?;
-    let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
+    let mut encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &loaded.vision_backends())).transpose()?;
     let n_image_tokens = vmodel.as_ref().map_or(0, |v| v.hp.n_image_tokens());
     let caches = Caches::for_loaded(&args.cache, &loaded, &session, n_image_tokens, args.session.is_some())?;
     let load_ms = t_load.elapsed().as_secs_f64() * 1e3;

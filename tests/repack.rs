@@ -90,7 +90,7 @@ fn repacked_language_model_matches_mapped() {
     // Q4_K_M (Q4_K everywhere it repacks, Q6_K on ARM).
     for (ty, main) in [(LlmType::Q4_0, Type::Q4_0), (LlmType::Q8_0, Type::Q8_0), (LlmType::Q4KM, Type::Q4K)] {
         let files = common::conversion::converted("base-default-f32", ty, MmprojType::F16);
-        let placed = weights::place(&files.llm, None, true, asagi_gguf::llm::is_matmul_weight).unwrap();
+        let placed = weights::place(&files.llm, Vec::new(), true, asagi_gguf::llm::is_matmul_weight).unwrap();
         let n: usize = placed.repacked.iter().map(|r| r.1).sum();
         // Only what ggml says it repacks is moved; the rest stays in the mapped file.
         for t in placed.contexts.iter().flat_map(|c| c.tensors()) {
@@ -134,7 +134,7 @@ fn repacked_language_model_matches_mapped() {
 #[test]
 fn repacked_vision_tower_matches_mapped() {
     let files = common::conversion::converted("base-default-f32", LlmType::Q8_0, MmprojType::Q4_0);
-    let placed = weights::place(&files.mmproj, None, true, asagi_gguf::vision::is_matmul_weight).unwrap();
+    let placed = weights::place(&files.mmproj, Vec::new(), true, asagi_gguf::vision::is_matmul_weight).unwrap();
     assert_eq!(!placed.repacked.is_empty(), repacked_types().contains(&Type::Q4_0), "Q4_0 vision matrices repacked");
     let backend = Backend::cpu(2).unwrap();
     let (mapped_model, repacked_model) =

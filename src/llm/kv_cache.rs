@@ -5,8 +5,8 @@
 
 use std::rc::Rc;
 
-use anyhow::{bail, Result};
-use ggml::{Backend, Context, Type};
+use anyhow::{bail, Context as _, Result};
+use ggml::{Backend, BufferType, Context, Tensor, Type};
 
 use super::hparams::HParams;
 use super::model::CacheTensors;
@@ -26,8 +26,11 @@ struct Cell {
 }
 
 pub struct KvCache {
-    /// The K/V tensors' context, shared with the kept decode graph that reads them (see `Session`).
-    ctx: Rc<Context>,
+    /// The K/V tensors' contexts, one per buffer type they live in (one, unless the layers are split across
+    /// devices), shared with the kept decode graph that reads them (see `Session`).
+    ctxs: Vec<Rc<Context>>,
+    /// K/V tensor t (`n_tensors`) is in `ctxs[owner[t]]`.
+    owner: Vec<usize>,
     n_layer: usize,
     cells: Vec<Cell>,
     ty: Type,
@@ -44,18 +47,53 @@ impl KvCache {
     }
 
     pub fn new(hp: &HParams, n_cells: usize, ty: Type, backend: &Backend) -> Result<KvCache> {
+        Self::new_placed(hp, n_cells, ty, &vec![backend.buffer_type(); hp.n_layer])
+    }
+
+    /// As `new`, each layer's K and V in a buffer of `place[layer]`: where the layer's block runs (this machine's
+    /// memory, a GPU, an RPC server), so that its attention reads them there.
+    pub fn new_placed(hp: &HParams, n_cells: usize, ty: Type, place: &[BufferType]) -> Result<KvCache> {
         if ty.row_size(hp.n_embd_kv()).is_none() {
             bail!("KV cache type {ty} does not fit rows of {}", hp.n_embd_kv());
         }
-        let ctx = Context::new(2 * hp.n_layer, 0)?;
-        for il in 0..hp.n_layer {
-            ctx.new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_k_l{il}"));
-            ctx.new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_v_l{il}"));
+        assert_eq!(place.len(), hp.n_layer, "a buffer type per layer");
+        let mut types: Vec<BufferType> = Vec::new();
+        for b in place {
+            if !types.contains(b) {
+                types.push(*b);
+            }
         }
-        ctx.alloc_tensors(backend)?;
+        let ctxs = types.iter().map(|_| Context::new(2 * hp.n_layer, 0)).collect::<ggml::Result<Vec<_>>>()?;
+        let mut owner = Vec::with_capacity(2 * hp.n_layer);
+        for (il, b) in place.iter().enumerate() {
+            let i = types.iter().position(|t| t == b).expect("collected above");
+            ctxs[i].new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_k_l{il}"));
+            ctxs[i].new_tensor(ty, &[hp.n_embd_kv(), n_cells]).named(&format!("cache_v_l{il}"));
+            owner.extend([i, i]);
+        }
+        for (ctx, b) in ctxs.iter().zip(&types) {
+            ctx.alloc_tensors_in(*b).with_context(|| format!("allocating the KV cache in {}", b.name()))?;
+        }
         // Not zeroed here: `prepare` zeroes cells as graphs first reach them, so a large context costs memory only
         // as far as it is used (untouched pages of the buffer are never made resident).
-        Ok(KvCache { ctx: Rc::new(ctx), n_layer: hp.n_layer, cells: vec![Cell::default(); n_cells], ty, zeroed: 0 })
+        Ok(KvCache {
+            ctxs: ctxs.into_iter().map(Rc::new).collect(),
+            owner,
+            n_layer: hp.n_layer,
+            cells: vec![Cell::default(); n_cells],
+            ty,
+            zeroed: 0,
+        })
+    }
+
+    /// K/V tensor `t` (K of layer 0, V of layer 0, K of layer 1, ...) and the context that owns it.
+    fn tensor(&self, t: usize) -> (&Context, Tensor<'_>) {
+        let ctx = &self.ctxs[self.owner[t]];
+        let name = match t % 2 {
+            0 => format!("cache_k_l{}", t / 2),
+            _ => format!("cache_v_l{}", t / 2),
+        };
+        (ctx, ctx.get_tensor(&name).expect("made by new_placed"))
     }
 
     /// Makes cells `0..n_kv` safe to attend to before a graph does: masked cells still meet a zero attention
@@ -65,9 +103,11 @@ impl KvCache {
         if n_kv <= self.zeroed {
             return Ok(());
         }
-        for t in self.ctx.tensors() {
-            let row = t.nb()[1];
-            self.ctx.memset(t, 0, self.zeroed * row, (n_kv - self.zeroed) * row)?;
+        for ctx in &self.ctxs {
+            for t in ctx.tensors() {
+                let row = t.nb()[1];
+                ctx.memset(t, 0, self.zeroed * row, (n_kv - self.zeroed) * row)?;
+            }
         }
         self.zeroed = n_kv;
         Ok(())
@@ -83,16 +123,16 @@ impl KvCache {
 
     /// Bytes of K/V data.
     pub fn bytes(&self) -> usize {
-        self.ctx.tensors().iter().map(|t| t.nbytes()).sum()
+        self.ctxs.iter().flat_map(|c| c.tensors()).map(|t| t.nbytes()).sum()
     }
 
     pub fn tensors(&self) -> CacheTensors<'_> {
-        CacheTensors::of(&self.ctx, self.n_layer)
+        CacheTensors::of(&self.ctxs, self.n_layer)
     }
 
-    /// The K/V tensors' context, for a graph that is kept past this borrow.
-    pub fn context(&self) -> Rc<Context> {
-        Rc::clone(&self.ctx)
+    /// The K/V tensors' contexts, for a graph that is kept past this borrow.
+    pub fn contexts(&self) -> Vec<Rc<Context>> {
+        self.ctxs.clone()
     }
 
     /// Claims `n` free cells for tokens at `pos` of sequences `seq`; returns their indices.
@@ -185,7 +225,7 @@ impl KvCache {
 
     /// Bytes of one cell's row in each K or V tensor.
     pub fn row_bytes(&self) -> usize {
-        self.ctx.tensors()[0].nb()[1]
+        self.tensor(0).1.nb()[1]
     }
 
     /// Number of K/V tensors (`2 * n_layer`: K of layer 0, V of layer 0, K of layer 1, ...).
@@ -215,9 +255,9 @@ impl KvCache {
     pub fn read_rows(&self, t: usize, s: usize, n: usize) -> Result<Vec<u8>> {
         let at = self.cells_of(s, n)?;
         let row = self.row_bytes();
-        let tensor = self.ctx.tensors()[t];
+        let (ctx, tensor) = self.tensor(t);
         let top = at.iter().max().map_or(0, |&c| c + 1);
-        let raw = self.ctx.read_bytes(tensor, 0, top * row)?;
+        let raw = ctx.read_bytes(tensor, 0, top * row)?;
         let mut out = Vec::with_capacity(n * row);
         for &c in &at {
             out.extend_from_slice(&raw[c * row..(c + 1) * row]);
@@ -246,8 +286,8 @@ impl KvCache {
         let written = (|| {
             // Zero what graphs will attend to first, so that `prepare` never wipes the rows written here.
             self.prepare(self.n_kv())?;
-            let tensors = self.ctx.tensors();
-            for (t, tensor) in tensors.iter().enumerate() {
+            for t in 0..self.n_tensors() {
+                let (ctx, tensor) = self.tensor(t);
                 let src = rows(t);
                 // Consecutive cells (the usual case) are one copy.
                 let mut i = 0;
@@ -256,7 +296,7 @@ impl KvCache {
                     while j < n && cells[j] == cells[j - 1] + 1 {
                         j += 1;
                     }
-                    self.ctx.write_bytes(*tensor, cells[i] * row, &src[i * row..j * row])?;
+                    ctx.write_bytes(tensor, cells[i] * row, &src[i * row..j * row])?;
                     i = j;
                 }
             }
@@ -356,11 +396,11 @@ mod tests {
     #[test]
     fn prepare_zeroes_the_attended_prefix_once() {
         let mut kv = cache(8);
-        kv.ctx.clear(0xff); // f16 0xffff is NaN: what uninitialized memory may hold
+        kv.ctxs[0].clear(0xff); // f16 0xffff is NaN: what uninitialized memory may hold
         kv.prepare(3).unwrap();
         kv.prepare(2).unwrap();
-        for t in kv.ctx.tensors() {
-            let bytes: Vec<u8> = kv.ctx.read(t).unwrap();
+        for t in kv.ctxs[0].tensors() {
+            let bytes: Vec<u8> = kv.ctxs[0].read(t).unwrap();
             let row = t.nb()[1];
             assert!(bytes[..3 * row].iter().all(|&b| b == 0), "{}: cells 0..3 zeroed", t.name());
             assert!(bytes[3 * row..].iter().all(|&b| b == 0xff), "{}: cells 3.. untouched", t.name());

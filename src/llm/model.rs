@@ -138,9 +138,9 @@ pub struct CacheTensors<'g> {
 }
 
 impl<'g> CacheTensors<'g> {
-    /// The tensors of a KV cache context (`cache_k_l{il}`, `cache_v_l{il}`, as `KvCache::new` names them).
-    pub fn of(ctx: &'g Context, n_layer: usize) -> CacheTensors<'g> {
-        let get = |n: String| ctx.get_tensor(&n).expect("made by KvCache::new");
+    /// The tensors of a KV cache's contexts (`cache_k_l{il}`, `cache_v_l{il}`, as `KvCache::new` names them).
+    pub fn of(ctxs: &'g [std::rc::Rc<Context>], n_layer: usize) -> CacheTensors<'g> {
+        let get = |n: String| ctxs.iter().find_map(|c| c.get_tensor(&n)).expect("made by KvCache::new");
         CacheTensors {
             k: (0..n_layer).map(|il| get(format!("cache_k_l{il}"))).collect(),
             v: (0..n_layer).map(|il| get(format!("cache_v_l{il}"))).collect(),

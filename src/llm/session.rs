@@ -94,9 +94,16 @@ pub struct Session<'a> {
 impl<'a> Session<'a> {
     /// `backends` in priority order, CPU last.
     pub fn new(model: &'a LlamaModel<'a>, backends: &[&'a Backend], p: &SessionParams) -> Result<Session<'a>> {
-        let first = backends.first().context("no backend")?;
-        // The cache lives where attention runs: the first (highest-priority) backend.
-        let cache = KvCache::new(&model.hp, p.n_ctx, p.cache_type, first)?;
+        let cpu = backends.last().context("no backend")?;
+        // Each layer's cache lives where its block's weights are (a GPU, an RPC server), so that its attention runs
+        // there; a layer whose weights are in this machine's memory has its cache there too, as llama.cpp places
+        // them.
+        let place: Vec<ggml::BufferType> = model
+            .layers
+            .iter()
+            .map(|l| l.wk.buffer_type().filter(|b| !b.is_cpu()).unwrap_or_else(|| cpu.buffer_type()))
+            .collect();
+        let cache = KvCache::new_placed(&model.hp, p.n_ctx, p.cache_type, &place)?;
         let max_nodes = 64 + 48 * model.hp.n_layer;
         let sched = Scheduler::new(backends, max_nodes)?;
         let mut session = Session {
@@ -171,6 +178,11 @@ impl<'a> Session<'a> {
         gf
     }
 
+    /// Ok unless an RPC server holding some of the blocks has failed (then every later batch fails too).
+    pub fn health(&self) -> Result<()> {
+        Ok(self.sched.health()?)
+    }
+
     pub fn n_ubatch(&self) -> usize {
         self.n_ubatch
     }
@@ -235,13 +247,16 @@ impl<'a> Session<'a> {
         let shape = Shape { n, n_kv, n_out: self.out_ids.len(), embeddings };
 
         // (A cache replaced since the graph was built invalidates it too: the graph reads the cache it was built on.)
-        let stale = |(s, g): &(Shape, KeptGraph<'_>)| *s != shape || !Rc::ptr_eq(&g.kept()[0], &self.cache.context());
+        let stale = |(s, g): &(Shape, KeptGraph<'_>)| {
+            let cache = self.cache.contexts();
+            *s != shape || g.kept().len() != cache.len() || g.kept().iter().zip(&cache).any(|(a, b)| !Rc::ptr_eq(a, b))
+        };
         if self.kept.as_ref().is_none_or(stale) {
             self.kept = None; // the old graph's context goes before the new one is made
             let (model, max_nodes, n_layer) = (self.model, self.max_nodes, self.model.hp.n_layer);
             let ctx = Context::new(max_nodes * 2, max_nodes)?;
-            let kept = KeptGraph::build(ctx, vec![self.cache.context()], |ctx, keep, _within| {
-                Self::graph(model, &CacheTensors::of(&keep[0], n_layer), max_nodes, ctx, shape)
+            let kept = KeptGraph::build(ctx, self.cache.contexts(), |ctx, keep, _within| {
+                Self::graph(model, &CacheTensors::of(keep, n_layer), max_nodes, ctx, shape)
             });
             self.kept = Some((shape, kept));
             self.graphs_built += 1;

@@ -253,6 +253,8 @@ pub struct Engine<'m> {
     /// The model files, checked before each step: one modified in place fails the work instead of crashing the
     /// server when a step reads a page that no longer exists (ggml::FileWatch).
     files: Vec<ggml::FileWatch>,
+    /// The RPC servers holding blocks of the model: once one has failed, the work fails and new work is refused.
+    rpc: Vec<ggml::rpc::Health>,
 }
 
 /// Why a task ends.
@@ -297,18 +299,20 @@ impl<'m> Engine<'m> {
             stats,
             tick: 0,
             files: Vec::new(),
+            rpc: Vec::new(),
         }
     }
 
-    /// Checks `files` (the loaded model's) before each step.
-    pub fn watch_files(mut self, files: Vec<ggml::FileWatch>) -> Self {
+    /// Checks `files` (the loaded model's) and `rpc` (the servers holding some of its blocks) before each step.
+    pub fn watch(mut self, files: Vec<ggml::FileWatch>, rpc: Vec<ggml::rpc::Health>) -> Self {
         self.files = files;
+        self.rpc = rpc;
         self
     }
 
-    /// Why the model files can no longer be used, if one changed on disk.
-    fn files_changed(&self) -> Option<String> {
-        ggml::FileWatch::first_change(&self.files)
+    /// Why the model can no longer be used: a file changed on disk, or an RPC server failed.
+    fn unusable(&self) -> Option<String> {
+        super::unusable(&self.files, &self.rpc)
     }
 
     /// Serves jobs until every sender is gone.
@@ -365,7 +369,7 @@ impl<'m> Engine<'m> {
                 if job.events.is_closed() {
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                } else if let Some(msg) = self.files_changed() {
+                } else if let Some(msg) = self.unusable() {
                     self.stats.queued.fetch_sub(1, Ordering::Relaxed);
                     let _ = job.events.send(Event::Error(msg));
                 } else if let Some(job) = self.guarded(|e| e.admit(job)) {
@@ -386,7 +390,7 @@ impl<'m> Engine<'m> {
             self.cancel_gone();
             if self.slots.iter().any(|s| s.task.is_some()) {
                 self.guarded(|e| {
-                    if let Some(msg) = e.files_changed() {
+                    if let Some(msg) = e.unusable() {
                         e.fail_all(&msg);
                     } else if let Err(e2) = e.step() {
                         e.fail_all(&format!("{e2:#}"));
@@ -400,7 +404,7 @@ impl<'m> Engine<'m> {
     /// `POST /v1/images`: the image's embeddings into the cache (not encoded again if already there).
     fn encode_upload(&mut self, job: EncodeJob) {
         let n_embd = self.session.model.hp.n_embd;
-        let changed = self.files_changed();
+        let changed = self.unusable();
         let result = (|| {
             if let Some(msg) = changed {
                 return Err(msg);

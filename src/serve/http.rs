@@ -249,9 +249,10 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     error(StatusCode::NOT_FOUND, "not_found", format!("no route {method} {}", uri.path().escape_debug()))
 }
 
-/// 503 once a model file was modified on disk (two `fstat`s): the weights in use may be gone.
+/// 503 once a model file was modified on disk (two `fstat`s): the weights in use may be gone; or once an RPC
+/// server holding some of the model's blocks has failed (`--rpc`).
 fn model_changed(st: &AppState) -> Option<Response> {
-    st.info.files_changed().map(|msg| error(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg))
+    st.info.unusable().map(|msg| error(StatusCode::SERVICE_UNAVAILABLE, "server_error", msg))
 }
 
 async fn health(State(st): State<Arc<AppState>>) -> Response {

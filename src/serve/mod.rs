@@ -122,13 +122,25 @@ pub(crate) struct ModelInfo {
     pub images: Arc<ImageCache>,
     /// The model files as loaded: a request is refused (503) once one was modified on disk.
     pub files: Vec<ggml::FileWatch>,
+    /// The RPC servers holding blocks of the model (`--rpc`): a request is refused (503) once one has failed.
+    pub rpc: Vec<ggml::rpc::Health>,
 }
 
 impl ModelInfo {
-    /// Why the loaded model can no longer serve, if a file of it changed on disk.
-    pub fn files_changed(&self) -> Option<String> {
-        ggml::FileWatch::first_change(&self.files)
+    /// Why the loaded model can no longer serve: a file of it changed on disk, or an RPC server holding some of
+    /// its blocks failed.
+    pub fn unusable(&self) -> Option<String> {
+        unusable(&self.files, &self.rpc)
     }
+}
+
+/// What `ModelInfo::unusable` and the engine say.
+pub(crate) fn unusable(files: &[ggml::FileWatch], rpc: &[ggml::rpc::Health]) -> Option<String> {
+    ggml::FileWatch::first_change(files).or_else(|| {
+        rpc.iter().find_map(|h| h.check().err()).map(|e| {
+            format!("{e}; the blocks it held are gone: restart the server (with the RPC server running again)")
+        })
+    })
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
@@ -169,7 +181,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
                 let vmodel = loaded.vision(&model)?;
                 let backends = loaded.backends();
                 let session = loaded.session(&model, &backends)?;
-                let encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &backends)).transpose()?;
+                let encoder = vmodel.as_ref().map(|v| VisionEncoder::new(v, &loaded.vision_backends())).transpose()?;
                 let n_image_tokens = encoder.as_ref().map_or(0, |e| e.model.hp.n_image_tokens());
                 let images = Caches::for_loaded(&cache_args, &loaded, &session, n_image_tokens, false)?.images;
                 for line in loaded.placement_summary() {
@@ -185,10 +197,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
                     preprocess: encoder.as_ref().map(|e| e.model.hp.preprocess.clone()),
                     images: images.clone(),
                     files: loaded.watches(),
+                    rpc: loaded.remotes.health_handles(),
                 };
                 let engine =
                     Engine::new(&loaded.tok, session, encoder, images, parallel, width, cache_ram, engine_stats)
-                        .watch_files(loaded.watches());
+                        .watch(loaded.watches(), loaded.remotes.health_handles());
                 if ready_tx.send(Ok(info)).is_ok() {
                     engine.run(job_rx, upload_rx);
                 }

@@ -21,13 +21,25 @@ fn main() {
     let include =
         include.canonicalize().unwrap_or_else(|e| panic!("ggml include dir {} not found: {e}", include.display()));
     assert!(include.join("ggml.h").is_file(), "{} has no ggml.h", include.display());
+    // The RPC backend (`rpc-server`, `--rpc`) is part of every build: .cargo/config.toml sets GGML_RPC=ON, which
+    // llama-cpp-sys-2 hands to CMake. A build without it would fail at the final link, less clearly than here.
+    let lib = PathBuf::from(&cmake_dir).join("..");
+    let lib = lib.canonicalize().unwrap_or(lib);
+    if !["libggml-rpc.a", "ggml-rpc.lib", "libggml-rpc.so", "libggml-rpc.dylib"].iter().any(|f| lib.join(f).is_file()) {
+        panic!(
+            "llama-cpp-sys-2 built ggml without its RPC backend ({} has no libggml-rpc): build with GGML_RPC=ON in \
+             the environment (.cargo/config.toml sets it; a target directory built before that needs \
+             `cargo clean -p llama-cpp-sys-2`)",
+            lib.display()
+        );
+    }
 
     let mut builder = bindgen::Builder::default()
         .header("wrapper.h")
         .clang_arg(format!("-I{}", include.display()))
         .allowlist_function("(ggml|gguf)_.*")
         .allowlist_type("(ggml|gguf)_.*")
-        .allowlist_var("(GGML|GGUF)_.*")
+        .allowlist_var("(GGML|GGUF|RPC_PROTO)_.*")
         .prepend_enum_name(false)
         .derive_default(true)
         .layout_tests(false)

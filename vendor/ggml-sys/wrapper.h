@@ -3,6 +3,7 @@
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include "ggml-rpc.h"
 #include "gguf.h"
 #ifdef ASAGI_GGML_CUDA
 #include "ggml-cuda.h"

@@ -2,6 +2,7 @@
 
 use std::ffi::CStr;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use crate::{sys, Error, Result};
 
@@ -64,6 +65,8 @@ pub fn devices() -> Vec<Device> {
 pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
     is_cpu: bool,
+    /// For a device of an RPC server: the relay's record of the server's health (`crate::rpc`) and the device.
+    rpc: Option<(Arc<crate::rpc::State>, u32)>,
 }
 
 impl Backend {
@@ -71,7 +74,7 @@ impl Backend {
     pub fn cpu(n_threads: usize) -> Result<Backend> {
         // SAFETY: creates a fresh backend; null on failure.
         let raw = unsafe { sys::ggml_backend_cpu_init() };
-        let b = Backend { raw: NonNull::new(raw).ok_or(Error::Backend("CPU".into()))?, is_cpu: true };
+        let b = Backend { raw: NonNull::new(raw).ok_or(Error::Backend("CPU".into()))?, is_cpu: true, rpc: None };
         b.set_n_threads(n_threads);
         Ok(b)
     }
@@ -87,7 +90,7 @@ impl Backend {
             let is_cpu = sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_CPU;
             let raw = sys::ggml_backend_dev_init(dev, std::ptr::null());
             let name = c_str(sys::ggml_backend_dev_name(dev));
-            Ok(Backend { raw: NonNull::new(raw).ok_or(Error::Backend(name))?, is_cpu })
+            Ok(Backend { raw: NonNull::new(raw).ok_or(Error::Backend(name))?, is_cpu, rpc: None })
         }
     }
 
@@ -98,6 +101,19 @@ impl Backend {
             .iter()
             .find_map(|k| devs.iter().find(|d| d.kind == *k))
             .and_then(|d| Backend::device(d.index).ok())
+    }
+
+    /// A backend ggml made for a device of an RPC server (`RpcLink::backend`).
+    pub(crate) fn from_rpc(raw: NonNull<sys::ggml_backend>, state: Arc<crate::rpc::State>, device: u32) -> Backend {
+        Backend { raw, is_cpu: false, rpc: Some((state, device)) }
+    }
+
+    /// Ok unless this is a device of an RPC server that has failed (the error names the server).
+    pub fn health(&self) -> Result<()> {
+        match &self.rpc {
+            Some((state, _)) => crate::rpc::health(state),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn as_ptr(&self) -> *mut sys::ggml_backend {
@@ -119,8 +135,12 @@ impl Backend {
         self.is_cpu
     }
 
-    /// The backend's name (`CPU`, `CUDA0`, ...).
+    /// The backend's name (`CPU`, `CUDA0`, ..., `RPC0[host:port]` for device 0 of an RPC server).
     pub fn name(&self) -> String {
+        if let Some((state, device)) = &self.rpc {
+            // (ggml's name would show the relay's local endpoint.)
+            return format!("RPC{device}[{}]", state.remote);
+        }
         // SAFETY: valid backend; static string.
         c_str(unsafe { sys::ggml_backend_name(self.as_ptr()) })
     }

@@ -23,6 +23,7 @@ mod tensor;
 mod types;
 
 pub mod gguf;
+pub mod rpc;
 
 pub use backend::{devices, Backend, Device, DeviceKind};
 pub use buffer::{Buffer, BufferType};
@@ -61,6 +62,9 @@ pub enum Error {
     Key { path: PathBuf, key: String, msg: String },
     #[error("{0}")]
     Invalid(String),
+    /// An RPC server could not be used, or failed (see `rpc`); the message names it.
+    #[error("{0}")]
+    Rpc(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

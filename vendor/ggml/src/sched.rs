@@ -9,6 +9,8 @@ use crate::{sys, Backend, Error, Graph, Pod, Result, Tensor};
 /// Owner of a `ggml_backend_sched`, borrowing its backends.
 pub struct Scheduler<'b> {
     raw: NonNull<sys::ggml_backend_sched>,
+    /// The backends, to ask after each computation whether an RPC server among them failed during it.
+    backends: Vec<&'b Backend>,
     /// The id of the graph allocated last, while its allocation stands (`compute` of that graph again skips the
     /// allocation; any other graph is allocated first).
     allocated: Option<u64>,
@@ -37,6 +39,7 @@ impl<'b> Scheduler<'b> {
         };
         Ok(Scheduler {
             raw: NonNull::new(s).ok_or(Error::OutOfMemory("ggml_backend_sched_new"))?,
+            backends: backends.to_vec(),
             allocated: None,
             _backends: PhantomData,
         })
@@ -82,11 +85,18 @@ impl<'b> Scheduler<'b> {
         // SAFETY: valid scheduler and the graph it allocated last (checked above), whose tensors are all alive
         // (a Graph borrows everything it reaches).
         let status = unsafe { sys::ggml_backend_sched_graph_compute(self.as_ptr(), graph.as_ptr()) };
+        // An RPC server that failed during the computation: its results are the relay's stand-ins, not results.
+        self.health()?;
         if status == sys::GGML_STATUS_SUCCESS {
             Ok(())
         } else {
             Err(Error::Compute(status as i32))
         }
+    }
+
+    /// Ok unless an RPC server among the backends has failed (`crate::rpc`).
+    pub fn health(&self) -> Result<()> {
+        self.backends.iter().try_for_each(|b| b.health())
     }
 
     /// Bytes of the compute buffer this scheduler holds on `backend` (after `reserve` or `alloc`).
@@ -127,7 +137,9 @@ impl<'b> Scheduler<'b> {
         if !self.holds(t) {
             return Err(Error::NotAllocated(t.name()));
         }
-        crate::tensor::read_tensor(t)
+        let out = crate::tensor::read_tensor(t)?;
+        self.health()?;
+        Ok(out)
     }
 
     /// As `read`, into `out` (its allocation reused from step to step).
@@ -135,7 +147,8 @@ impl<'b> Scheduler<'b> {
         if !self.holds(t) {
             return Err(Error::NotAllocated(t.name()));
         }
-        crate::tensor::read_tensor_into(t, out)
+        crate::tensor::read_tensor_into(t, out)?;
+        self.health()
     }
 }
 
