@@ -150,8 +150,11 @@ pub(crate) fn describe(e: &io::Error, doing: &str) -> String {
                 REPLY_TIMEOUT.as_secs()
             )
         }
-        io::ErrorKind::UnexpectedEof => {
-            format!("the server closed the connection while {doing} (it stopped or crashed)")
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::BrokenPipe
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted => {
+            format!("the connection closed while {doing}: the server stopped or crashed")
         }
         _ => format!("connection lost while {doing} ({e}): the server stopped or the network failed"),
     }

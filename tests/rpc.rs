@@ -1,0 +1,301 @@
+//! A model split across machines with ggml's RPC backend, on loopback: two `asagi-gguf rpc-server`s started here
+//! hold the language model's blocks (`--rpc`, `--tensor-split`), this process the embeddings, the output layer and
+//! the vision encoder. The split gives the same logits and tokens as this machine alone; a server that dies
+//! mid-answer, one that is not there and one of another protocol are clear errors, never a crash or a hang; `serve`
+//! outlives its server. Everything a test starts, it stops (`Drop`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::{client, Server, SseReader};
+use serde_json::{json, Value};
+
+/// A free port on 127.0.0.1 (bound, then released for the process started next).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `asagi-gguf rpc-server` on a free loopback port, killed on drop.
+struct RpcServer {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RpcServer {
+    fn start() -> RpcServer {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("rpc.log");
+        let child = common::asagi_gguf()
+            .args(["rpc-server", "-t", "1", "--port", &port.to_string()])
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut s = RpcServer { child, port, log, _dir: dir };
+        let t = Instant::now();
+        // Listening once a connection is accepted (the server drops a client that sends nothing).
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("rpc-server exited with {status}");
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "rpc-server did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RpcServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The base fixture converted to F32, in a folder of its own.
+fn fixture() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (llm, mmproj) = common::conversion::base_f32(dir.path());
+    (dir, llm, mmproj)
+}
+
+fn image() -> PathBuf {
+    common::fixtures::root().join("images/gray_70x50.png")
+}
+
+/// `asagi-gguf run` with the fixture and an image; (exit status, stdout, stderr).
+fn run(llm: &Path, mmproj: &Path, args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = common::asagi_gguf()
+        .args(["run", "-t", "2", "-c", "256", "--cache-type", "f32", "--no-prefix-cache", "--mmproj"])
+        .arg(mmproj)
+        .arg("-m")
+        .arg(llm)
+        .arg("--image")
+        .arg(image())
+        .args(["-p", "この画像について説明してください。"])
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn run_ok(llm: &Path, mmproj: &Path, args: &[&str]) -> (String, String) {
+    let (status, out, err) = run(llm, mmproj, args);
+    assert!(status.success(), "run {args:?}: {status}: {err}");
+    (out, err)
+}
+
+/// Blocks 0 and 1 of the fixture on two servers, the embeddings, the output layer and the vision encoder here:
+/// the logits after the prompt (its image and text through both servers' blocks and caches) within 1e-6 of this
+/// machine alone, and the same greedy and beam-search tokens.
+#[test]
+fn split_across_two_servers_answers_as_this_machine_alone() {
+    let (dir, llm, mmproj) = fixture();
+    let (a, b) = (RpcServer::start(), RpcServer::start());
+    let rpc = format!("{},{}", a.endpoint(), b.endpoint());
+    let split = ["--rpc", &rpc, "--tensor-split", "0,1,1"];
+
+    let logits = |name: &str, extra: &[&str]| {
+        let path = dir.path().join(name);
+        let mut args = vec!["--greedy", "-n", "4", "--dump-logits", path.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (_, err) = run_ok(&llm, &mmproj, &args);
+        (common::npy::read(&path).as_f32(), err)
+    };
+    let (here, _) = logits("here.npy", &[]);
+    let (there, log) = logits("split.npy", &split);
+    assert!(
+        log.contains(&format!("split: block 0 on RPC server {}, block 1 on RPC server {}", a.endpoint(), b.endpoint())),
+        "{log}"
+    );
+    assert_eq!(here.len(), there.len());
+    assert!(here.len() >= 1000, "the logits of the prompt's last position: {}", here.len());
+    let num: f64 = here.iter().zip(&there).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum();
+    let den: f64 = here.iter().map(|x| (*x as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    eprintln!("prompt logits, split vs here: relative RMS difference {rel:.3e}");
+    assert!(rel <= 1e-6, "relative difference {rel:e}");
+
+    for decoding in [&["--greedy", "-n", "24"][..], &["--num-beams", "3", "--temp", "0", "-n", "24"][..]] {
+        let tokens = |extra: &[&str]| {
+            let mut args = vec!["--json"];
+            args.extend_from_slice(decoding);
+            args.extend_from_slice(extra);
+            let v: Value = serde_json::from_str(&run_ok(&llm, &mmproj, &args).0).unwrap();
+            v["tokens"].clone()
+        };
+        let (here, there) = (tokens(&[]), tokens(&split));
+        assert!(here.as_array().unwrap().len() >= 8, "{decoding:?}: {here}");
+        assert_eq!(here, there, "{decoding:?}");
+    }
+
+    // A split by the memory the devices report (all three here are this machine: a third each, rounded to
+    // blocks), and this machine's share of it.
+    let (_, log) = run_ok(&llm, &mmproj, &["--greedy", "-n", "4", "--rpc", &rpc]);
+    assert!(log.contains(&format!("split: block 0 here, block 1 on RPC server {}", a.endpoint())), "{log}");
+}
+
+/// A server killed while the answer is being written: `run` stops with an error naming it, within seconds, with
+/// its exit code (not a signal); the other server is left for the next client.
+#[test]
+fn a_server_killed_mid_answer_is_an_error_not_a_crash() {
+    let (_dir, llm, mmproj) = fixture();
+    let (a, mut b) = (RpcServer::start(), RpcServer::start());
+    let rpc = format!("{},{}", a.endpoint(), b.endpoint());
+    let mut child = common::asagi_gguf()
+        .args(["run", "-t", "2", "-c", "512", "--no-prefix-cache", "--num-beams", "1", "--temp", "1.5"])
+        .args(["--seed", "3", "-n", "440", "-p", "こんにちは", "--rpc", &rpc, "--tensor-split", "0,1,1", "-m"])
+        .arg(&llm)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The answer has begun: kill the server holding block 1.
+    let mut first = [0u8; 1];
+    child.stdout.as_mut().unwrap().read_exact(&mut first).unwrap();
+    b.kill();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            panic!("run did not end within 30 s of the server's death");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    eprintln!("ended {:?} after the kill: {}", t.elapsed(), err.lines().last().unwrap_or(""));
+    assert_eq!(status.code(), Some(1), "an error exit, not a signal: {status}: {err}");
+    let want = format!("error: RPC server {}: the connection closed while", b.endpoint());
+    assert!(err.contains(&want) && err.contains("the server stopped or crashed"), "{err}");
+
+    // The surviving server serves the next client.
+    let (_, log) = run_ok(&llm, &mmproj, &["--greedy", "-n", "4", "--rpc", &a.endpoint(), "--tensor-split", "1,1"]);
+    assert!(log.contains("split: block 0 here, block 1 on RPC server"), "{log}");
+}
+
+/// Nothing listening, something that is not an RPC server, a server of another protocol version, a bad address:
+/// each an error naming the server and what is wrong, within seconds.
+#[test]
+fn unreachable_and_foreign_servers_are_clear_errors() {
+    let (_dir, llm, mmproj) = fixture();
+    let fail = |rpc: &str, want: &str| {
+        let t = Instant::now();
+        let (status, _, err) = run(&llm, &mmproj, &["--greedy", "-n", "4", "--rpc", rpc]);
+        assert_eq!(status.code(), Some(1), "--rpc {rpc}: {err}");
+        assert!(err.contains(want), "--rpc {rpc}: want {want:?} in: {err}");
+        assert!(t.elapsed() < Duration::from_secs(30), "--rpc {rpc}: {:?}", t.elapsed());
+    };
+    let port = free_port();
+    fail(&format!("127.0.0.1:{port}"), &format!("RPC server 127.0.0.1:{port}: cannot connect"));
+    fail("127.0.0.1", "--rpc 127.0.0.1: expected HOST:PORT");
+    fail("127.0.0.1:http", "expected HOST:PORT, with a port number");
+
+    // Fake servers: one answers the handshake as protocol 6.1.0 would, one closes the connection, one says
+    // nothing at all (an RPC server busy with another client).
+    let fake = |reply: Option<Vec<u8>>| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut hello = [0u8; 33];
+                let _ = s.read_exact(&mut hello);
+                match &reply {
+                    Some(r) => {
+                        let _ = s.write_all(r);
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                    None if hello[0] == 14 => drop(s),
+                    None => {}
+                }
+            }
+        });
+        port
+    };
+    let mut v6 = 28u64.to_le_bytes().to_vec();
+    v6.extend_from_slice(&[6, 1, 0, 0]);
+    v6.extend_from_slice(&[0; 24]);
+    let p = fake(Some(v6));
+    fail(&format!("127.0.0.1:{p}"), "speaks RPC protocol 6.1.0, this build 7.0.0");
+    let p = fake(None);
+    fail(&format!("127.0.0.1:{p}"), "closed the connection during the RPC handshake");
+    let p = fake(Some(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()));
+    fail(&format!("127.0.0.1:{p}"), "not an RPC server of protocol 7.0.0");
+
+    // Shares that do not match the devices.
+    let a = RpcServer::start();
+    fail(&format!("{},{}", a.endpoint(), a.endpoint()), "twice");
+    let (status, _, err) =
+        run(&llm, &mmproj, &["--greedy", "-n", "4", "--rpc", &a.endpoint(), "--tensor-split", "1,1,1"]);
+    assert!(!status.success() && err.contains("--tensor-split has 3 shares for 2 devices"), "{err}");
+}
+
+/// `rpc-server` listens on loopback unless told otherwise, with ggml's warning; a taken port is an error.
+#[test]
+fn rpc_server_refuses_an_open_address_without_expose() {
+    let out = common::asagi_gguf().args(["rpc-server", "--host", "0.0.0.0", "--port", "1"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains("--host 0.0.0.0 is not a loopback address") && err.contains("--expose"), "{err}");
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let out = common::asagi_gguf().args(["rpc-server", "--port", &port]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(err.contains(&format!("cannot listen on 127.0.0.1:{port}")), "{err}");
+}
+
+/// `serve --rpc`: the server holding block 1 dies during a streamed answer. The answer ends with an error event,
+/// the HTTP server stays up, `/health` and new requests answer 503 naming the dead server.
+#[test]
+fn serve_outlives_its_rpc_server() {
+    let (_dir, llm, mmproj) = fixture();
+    let mut b = RpcServer::start();
+    let mut server = Server::start(&llm, &mmproj, &["--rpc", &b.endpoint(), "--tensor-split", "1,1", "-c", "512"]);
+    let ask = |stream: bool| {
+        json!({"messages": [{"role": "user", "content": "こんにちは"}], "max_tokens": 400, "min_tokens": 400,
+               "num_beams": 1, "temperature": 1.5, "seed": 3, "stream": stream})
+    };
+    assert_eq!(server.post(&json!({"messages": [{"role": "user", "content": "こんにちは"}], "max_tokens": 4})).0, 200);
+
+    let mut sse = SseReader::open(&server, &ask(true));
+    sse.next().expect("a first event");
+    b.kill();
+    let t = Instant::now();
+    let mut events = Vec::new();
+    while let Some((d, _)) = sse.next() {
+        events.push(d);
+    }
+    assert!(t.elapsed() < Duration::from_secs(30), "the stream ended {:?} after the kill", t.elapsed());
+    let error = events.iter().find(|e| e.contains("\"error\"")).unwrap_or_else(|| panic!("no error event: {events:?}"));
+    assert!(error.contains(&format!("RPC server {}", b.endpoint())), "{error}");
+    assert!(server.alive(), "serve died: {}", server.log());
+
+    let r = client(Duration::from_secs(5)).get(server.url("/health")).send().unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.text().unwrap().contains(&format!("RPC server {}", b.endpoint())));
+    let (status, v) = server.post(&ask(false));
+    assert_eq!(status, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("restart the server"), "{v}");
+    assert!(server.alive());
+}
