@@ -55,6 +55,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for line in loaded.placement_summary() {
         println!("{line}");
     }
+    if let Some(split) = &loaded.split {
+        println!("{}", split.summary(&loaded.remotes));
+    }
     let row = |name: &str, value: String| println!("{name:<28} {value}");
     row("load", format!("{load_ms:.0} ms"));
     let reps = |f: &mut dyn FnMut() -> Result<f64>| -> Result<f64> {
@@ -85,6 +88,31 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 bw * 1e9 / bytes as f64,
                 bytes as f64 / 1e9,
                 100.0 * med(|r| r.fraction)
+            ),
+        );
+    }
+
+    if !loaded.remotes.is_empty() && (want("pp") || want("tg")) {
+        // Bytes on the network: a prefill's per token, and a decode step's (a decode run's less its prompt's).
+        let mut traffic = |f: &mut dyn FnMut(&mut crate::llm::Session<'_>) -> Result<f64>| -> Result<(f64, f64)> {
+            let t0 = loaded.remotes.traffic();
+            f(&mut s)?;
+            let t1 = loaded.remotes.traffic();
+            Ok(((t1.sent - t0.sent) as f64, (t1.received - t0.received) as f64))
+        };
+        let (n_pp, n_tg) = (a.pp, a.tg.max(1));
+        let pp = traffic(&mut |s| bench::prefill_text(s, n_pp))?;
+        let prompt = traffic(&mut |s| bench::prefill_text(s, 64))?;
+        let run = traffic(&mut |s| bench::decode(s, 64, n_tg))?;
+        let kb = |b: f64| format!("{:.1} KB", b / 1e3);
+        row(
+            "RPC traffic per token",
+            format!(
+                "decode {} sent + {} received; prefill (pp{n_pp}) {} + {}",
+                kb((run.0 - prompt.0) / n_tg as f64),
+                kb((run.1 - prompt.1) / n_tg as f64),
+                kb(pp.0 / n_pp as f64),
+                kb(pp.1 / n_pp as f64)
             ),
         );
     }
