@@ -34,7 +34,7 @@ pub struct Remotes {
 impl Remotes {
     /// Connects to every server of `--rpc` (each checked: reachable, same protocol, with a device) and opens all
     /// their devices.
-    pub fn connect(endpoints: &[String]) -> Result<Remotes> {
+    pub fn connect(endpoints: &[String], reply_timeout: std::time::Duration) -> Result<Remotes> {
         let mut r = Remotes::default();
         for (i, e) in endpoints.iter().enumerate() {
             let Some((host, port)) = e.rsplit_once(':') else { bail!("--rpc {e}: expected HOST:PORT") };
@@ -44,7 +44,7 @@ impl Remotes {
             if endpoints[..i].contains(e) {
                 bail!("--rpc lists {e} twice (a server serves one client at a time)");
             }
-            let link = RpcLink::connect(e)?;
+            let link = RpcLink::connect(e, reply_timeout)?;
             for device in 0..link.n_devices() {
                 let (free, _) = link.device_memory(device)?;
                 let label = match link.n_devices() {
@@ -70,8 +70,8 @@ impl Remotes {
     }
 
     /// Ok while every server answers; else the first failure, naming the server.
-    pub fn health(&self) -> Result<()> {
-        self.links.iter().try_for_each(|l| l.health()).map_err(Into::into)
+    pub fn health(&self) -> Result<(), anyhow::Error> {
+        Ok(self.links.iter().try_for_each(|l| l.health())?)
     }
 
     /// Handles on the servers' health, for other threads (the server's HTTP side).

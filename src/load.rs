@@ -58,6 +58,9 @@ pub struct ModelArgs {
     /// the memory each reports].
     #[arg(long, value_delimiter = ',', value_name = "SHARES", requires = "rpc")]
     pub tensor_split: Vec<f64>,
+    /// Seconds an RPC server may take to answer (one computation of its blocks) before it counts as hung.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS", requires = "rpc")]
+    pub rpc_timeout: u64,
 }
 
 impl ModelArgs {
@@ -75,6 +78,7 @@ impl ModelArgs {
             mlock: false,
             rpc: Vec::new(),
             tensor_split: Vec::new(),
+            rpc_timeout: 300,
         }
     }
 
@@ -99,6 +103,7 @@ pub struct Loaded {
     /// The RPC servers holding some of the blocks (`--rpc`), and how the blocks are split.
     pub remotes: Remotes,
     pub split: Option<Split>,
+    n_gpu_layers: usize,
     cache_type: Type,
     ctx_size: Option<usize>,
     /// What `open` estimated it would hold (printed before loading).
@@ -147,7 +152,10 @@ impl Loaded {
         if !a.rpc.is_empty() && a.n_gpu_layers > 0 {
             bail!("--rpc together with --n-gpu-layers is not supported yet: split across this machine's CPU and the servers, or use the GPU alone");
         }
-        let remotes = Remotes::connect(&a.rpc)?;
+        if a.rpc_timeout == 0 {
+            bail!("--rpc-timeout: at least 1 second");
+        }
+        let remotes = Remotes::connect(&a.rpc, std::time::Duration::from_secs(a.rpc_timeout))?;
         let split = match remotes.is_empty() {
             true => None,
             false => {
@@ -167,7 +175,8 @@ impl Loaded {
             check_remote_memory(&llm, split, &remotes, a, cache_type)?;
         }
 
-        let llm_placed = weights::apply(&llm, &llm_plan)?;
+        // (A server that failed during the upload shows as a failed allocation or copy: say which.)
+        let llm_placed = weights::apply(&llm, &llm_plan).map_err(|e| remotes.health().err().unwrap_or(e))?;
         remotes.health()?;
         if a.mlock {
             lock_weights(&llm, &llm_placed, &llm_plan.moved());
@@ -191,6 +200,7 @@ impl Loaded {
             gpu,
             remotes,
             split,
+            n_gpu_layers: a.n_gpu_layers,
             cache_type,
             ctx_size: a.ctx_size,
             estimate,
@@ -226,10 +236,21 @@ impl Loaded {
         Ok(Some(v))
     }
 
-    /// A session with the requested context size (default: the training context) and cache type.
+    /// A session with the requested context size (default: the training context) and cache type, each layer's
+    /// KV cache where its block runs.
     pub fn session<'a>(&self, model: &'a LlamaModel<'a>, backends: &[&'a Backend]) -> Result<Session<'a>> {
         let n_ctx = self.ctx_size.unwrap_or(model.hp.n_ctx_train);
-        Session::new(model, backends, &SessionParams { n_ctx, cache_type: self.cache_type, ..Default::default() })
+        let n_layer = model.hp.n_layer;
+        let first_gpu_layer = n_layer.saturating_sub(self.n_gpu_layers);
+        let layer_buffers = (0..n_layer)
+            .map(|il| match (&self.split, &self.gpu) {
+                (Some(s), _) if s.assign[il] > 0 => self.remotes.devices[s.assign[il] - 1].buft,
+                (None, Some(gpu)) if il >= first_gpu_layer => gpu.buffer_type(),
+                _ => self.cpu.buffer_type(),
+            })
+            .collect();
+        let params = SessionParams { n_ctx, cache_type: self.cache_type, layer_buffers, ..Default::default() };
+        Session::new(model, backends, &params).map_err(|e| self.remotes.health().err().unwrap_or(e))
     }
 
     /// The identities of the language model's file and the mmproj file (if opened): cache keys

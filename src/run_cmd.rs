@@ -100,6 +100,9 @@ pub struct DecodingArgs {
     /// Not in HF: apply the penalties to the last N tokens only (llama.cpp's repeat-last-n).
     #[arg(long)]
     pub repeat_last_n: Option<usize>,
+    /// No end of the answer before N new tokens (HF's min_new_tokens).
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
 }
 
 /// The model card's decoding (what `run` does without flags).
@@ -134,6 +137,7 @@ impl DecodingArgs {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             repeat_last_n: self.repeat_last_n,
+            min_new_tokens: self.min_tokens,
             ..Default::default()
         }
     }
@@ -276,6 +280,15 @@ pub fn run(args: RunArgs) -> Result<()> {
         eprintln!("{line}");
     }
     eprintln!("load time        = {load_ms:10.2} ms");
+    if !loaded.remotes.is_empty() {
+        let t = loaded.remotes.traffic();
+        eprintln!(
+            "rpc traffic      = {:10.2} MB sent, {:.2} MB received ({} server(s), weights included)",
+            t.sent as f64 / 1e6,
+            t.received as f64 / 1e6,
+            loaded.remotes.links.len()
+        );
+    }
     if !images.is_empty() {
         eprintln!(
             "image encode     = {image_ms:10.2} ms / {:5} images ({} encoded, {} from the cache)",

@@ -25,7 +25,7 @@ fn follow_up_turns_equal_a_fresh_prefill_of_the_conversation() {
         .unwrap()
         .encode_file(&fixtures::root().join("images/rgb_80x60.png"))
         .unwrap();
-    let params = SessionParams { n_ctx: 512, n_ubatch: 64, cache_type: Type::F32 };
+    let params = SessionParams { n_ctx: 512, n_ubatch: 64, cache_type: Type::F32, ..Default::default() };
     let greedy = GenerationConfig { max_new_tokens: Some(6), eos_token_ids: tok.eog.clone(), ..Default::default() };
     let beams = GenerationConfig { num_beams: 3, repetition_penalty: 1.5, ..greedy.clone() };
     let no_stop = AtomicBool::new(false);
@@ -74,7 +74,7 @@ fn a_stopped_answer_is_marked_and_the_conversation_continues() {
     let model = LlamaModel::load(&files.llm).unwrap();
     let (tok, _) = Tokenizer::from_gguf(&files.llm).unwrap();
     let backend = Backend::cpu(2).unwrap();
-    let params = SessionParams { n_ctx: 256, n_ubatch: 64, cache_type: Type::F16 };
+    let params = SessionParams { n_ctx: 256, n_ubatch: 64, cache_type: Type::F16, ..Default::default() };
     let mut session = Session::new(&model, &[&backend], &params).unwrap();
     let mut conv = Conversation::new(&mut session);
     for beams in [1, 3] {
@@ -102,7 +102,7 @@ fn a_long_chat_is_refused_up_front_at_the_edge_of_the_context() {
     let (tok, _) = Tokenizer::from_gguf(&files.llm).unwrap();
     let backend = Backend::cpu(2).unwrap();
     let n_ctx = 256;
-    let params = SessionParams { n_ctx, n_ubatch: 64, cache_type: Type::F16 };
+    let params = SessionParams { n_ctx, n_ubatch: 64, cache_type: Type::F16, ..Default::default() };
     let mut session = Session::new(&model, &[&backend], &params).unwrap();
     let mut conv = Conversation::new(&mut session);
     // eos_token_ids empty: every answer takes its full length, so the turns march towards the edge.

@@ -113,8 +113,12 @@ fn prefill_all<'m>(
     image_token: u32,
     images: &[asagi_gguf::vision::ImageEmbedding],
 ) -> (Session<'m>, Vec<f32>, i32) {
-    let mut s =
-        Session::new(model, &[backend], &SessionParams { n_ctx: 1024, n_ubatch: 512, cache_type: cache }).unwrap();
+    let mut s = Session::new(
+        model,
+        &[backend],
+        &SessionParams { n_ctx: 1024, n_ubatch: 512, cache_type: cache, ..Default::default() },
+    )
+    .unwrap();
     let segs = multimodal::segments(ids, Some(image_token), images).unwrap();
     let (logits, pos) = multimodal::prefill(&mut s, &segs, 0, true).unwrap();
     (s, logits, pos)

@@ -46,9 +46,12 @@ fn beam_search_and_greedy_match_hf_generate() {
                 pad_token_id: g["pad_token_id"].as_u64().map(|x| x as u32),
                 ..Default::default()
             };
-            let mut s =
-                Session::new(&model, &[&backend], &SessionParams { n_ctx: 512, n_ubatch: 64, cache_type: Type::F32 })
-                    .unwrap();
+            let mut s = Session::new(
+                &model,
+                &[&backend],
+                &SessionParams { n_ctx: 512, n_ubatch: 64, cache_type: Type::F32, ..Default::default() },
+            )
+            .unwrap();
             let segs = multimodal::segments(&ids, Some(image_token), &images).unwrap();
             let (logits, pos) = multimodal::prefill(&mut s, &segs, 0, false).unwrap();
             let got = generate::generate(&mut s, &cfg, &ids, logits, pos, &Default::default(), |_| Ok(())).unwrap();

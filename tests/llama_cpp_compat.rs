@@ -170,7 +170,7 @@ fn mtmd_and_our_image_embeddings_agree_for_every_mmproj_type() {
         let pv = preprocess_image(&img, &PreprocessConfig::siglip(vm.hp.image_size));
         let emb = VisionEncoder::new(&vm, &[&ours_backend]).unwrap().encode_pixels(&pv, 1).unwrap().pop().unwrap();
         let om = OurModel::load(&lf).unwrap();
-        let sp = SessionParams { n_ctx: 256, n_ubatch: 64, cache_type: ggml::Type::F16 };
+        let sp = SessionParams { n_ctx: 256, n_ubatch: 64, cache_type: ggml::Type::F16, ..Default::default() };
         let mut s = Session::new(&om, &[&ours_backend], &sp).unwrap();
         let segs = asagi_gguf::multimodal::segments(&ids, Some(image_token), std::slice::from_ref(&emb)).unwrap();
         let (ours, pos) = asagi_gguf::multimodal::prefill(&mut s, &segs, 0, false).unwrap();

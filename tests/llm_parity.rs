@@ -18,7 +18,7 @@ fn run(path: &Path, prompt: &[u32], cache: Type, n_greedy: usize) -> (Vec<f32>, 
     file.map_weights().unwrap();
     let model = LlamaModel::load(&file).unwrap();
     let backend = Backend::cpu(2).unwrap();
-    let params = SessionParams { n_ctx: 256, n_ubatch: 32, cache_type: cache };
+    let params = SessionParams { n_ctx: 256, n_ubatch: 32, cache_type: cache, ..Default::default() };
     let mut s = Session::new(&model, &[&backend], &params).unwrap();
     // n_ubatch 32 < prompt length: the prompt goes through several micro-batches, as long prompts do.
     let logits = s.prefill(Input::Tokens(prompt), 0, 0, true).unwrap();
@@ -159,7 +159,7 @@ fn uploaded_layers_give_the_same_logits() {
     assert_eq!(names.len(), file.tensor_infos().len() - 1, "all but token_embd");
     let device = file.upload(&names, backend.buffer_type()).unwrap();
     let logits = |model: &LlamaModel| {
-        let params = SessionParams { n_ctx: 128, n_ubatch: 128, cache_type: Type::F16 };
+        let params = SessionParams { n_ctx: 128, n_ubatch: 128, cache_type: Type::F16, ..Default::default() };
         Session::new(model, &[&backend], &params).unwrap().prefill(Input::Tokens(&c.prompt), 0, 0, true).unwrap()
     };
     let mapped = logits(&LlamaModel::load(file).unwrap());

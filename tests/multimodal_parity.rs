@@ -30,8 +30,12 @@ fn run(variant: &str, ty: LlmType, mm: MmprojType, cache: Type, prompt: &str, n_
         .iter()
         .map(|name| enc.encode_file(&fixtures::root().join("images").join(name.as_str().unwrap())).unwrap())
         .collect();
-    let mut s =
-        Session::new(&model, &[&backend], &SessionParams { n_ctx: 256, n_ubatch: 64, cache_type: cache }).unwrap();
+    let mut s = Session::new(
+        &model,
+        &[&backend],
+        &SessionParams { n_ctx: 256, n_ubatch: 64, cache_type: cache, ..Default::default() },
+    )
+    .unwrap();
     let segs = multimodal::segments(&ids, Some(g["image_token_id"].as_u64().unwrap() as u32), &images).unwrap();
     let (logits, pos) = multimodal::prefill(&mut s, &segs, 0, true).unwrap();
     assert_eq!(pos as u64, p["expanded_length"].as_u64().unwrap(), "{variant} {prompt}: expanded length");

@@ -43,7 +43,12 @@ impl<'a> Env<'a> {
     }
 
     fn session(&self, cache_type: Type) -> Session<'_> {
-        Session::new(&self.model, &[&self.backend], &SessionParams { n_ctx: 512, n_ubatch: 64, cache_type }).unwrap()
+        Session::new(
+            &self.model,
+            &[&self.backend],
+            &SessionParams { n_ctx: 512, n_ubatch: 64, cache_type, ..Default::default() },
+        )
+        .unwrap()
     }
 
     /// Caches in `dir` (none on disk without it); embeddings only with `no_prefix`.

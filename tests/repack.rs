@@ -82,7 +82,7 @@ fn repacked_language_model_matches_mapped() {
     let hf: Vec<f32> = hf.data.iter().map(|&x| x as f32).collect();
     let backend = Backend::cpu(2).unwrap();
     // Micro-batches of 5 rows: the 4-row kernels and the 1-row ones both run.
-    let params = SessionParams { n_ctx: 128, n_ubatch: 5, cache_type: Type::F32 };
+    let params = SessionParams { n_ctx: 128, n_ubatch: 5, cache_type: Type::F32, ..Default::default() };
     let logits = |model: &LlamaModel| {
         Session::new(model, &[&backend], &params).unwrap().prefill(Input::Tokens(&prompt), 0, 0, true).unwrap()
     };

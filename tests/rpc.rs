@@ -9,7 +9,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::server::{client, Server, SseReader};
@@ -30,26 +30,32 @@ struct RpcServer {
 
 impl RpcServer {
     fn start() -> RpcServer {
-        let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("rpc.log");
-        let child = common::asagi_gguf()
-            .args(["rpc-server", "-t", "1", "--port", &port.to_string()])
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut s = RpcServer { child, port, log, _dir: dir };
-        let t = Instant::now();
-        // Listening once a connection is accepted (the server drops a client that sends nothing).
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Ok(Some(status)) = s.child.try_wait() {
-                panic!("rpc-server exited with {status}");
+        // The free port can be taken again before the server binds it (by another test's relay): the server
+        // then exits at once, and another port is tried.
+        for _ in 0..5 {
+            let port = free_port();
+            let dir = tempfile::tempdir().unwrap();
+            let log = dir.path().join("rpc.log");
+            let child = common::asagi_gguf()
+                .args(["rpc-server", "-t", "1", "--port", &port.to_string()])
+                .stdout(std::fs::File::create(&log).unwrap())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut s = RpcServer { child, port, log, _dir: dir };
+            let t = Instant::now();
+            // Listening once a connection is accepted (the server drops a client that sends nothing).
+            while TcpStream::connect(("127.0.0.1", port)).is_err() && s.child.try_wait().unwrap().is_none() {
+                assert!(t.elapsed() < Duration::from_secs(60), "rpc-server did not listen on {port}");
+                std::thread::sleep(Duration::from_millis(20));
             }
-            assert!(t.elapsed() < Duration::from_secs(60), "rpc-server did not listen on {port}");
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(200));
+            if s.child.try_wait().unwrap().is_none() {
+                return s;
+            }
+            eprintln!("rpc-server on {port} exited: {}", std::fs::read_to_string(&s.log).unwrap_or_default());
         }
-        s
+        panic!("no rpc-server could be started");
     }
 
     fn endpoint(&self) -> String {
@@ -120,6 +126,10 @@ fn split_across_two_servers_answers_as_this_machine_alone() {
     };
     let (here, _) = logits("here.npy", &[]);
     let (there, log) = logits("split.npy", &split);
+    // The servers got the two blocks' weights (2 x 2.1 MB of F32) and sent activations back.
+    let traffic = log.lines().find(|l| l.starts_with("rpc traffic")).unwrap_or_else(|| panic!("{log}"));
+    let mb: Vec<f64> = traffic.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert!(mb.len() >= 2 && mb[0] > 4.0 && mb[1] > 0.0, "{traffic}");
     assert!(
         log.contains(&format!("split: block 0 on RPC server {}, block 1 on RPC server {}", a.endpoint(), b.endpoint())),
         "{log}"
@@ -159,8 +169,8 @@ fn a_server_killed_mid_answer_is_an_error_not_a_crash() {
     let (a, mut b) = (RpcServer::start(), RpcServer::start());
     let rpc = format!("{},{}", a.endpoint(), b.endpoint());
     let mut child = common::asagi_gguf()
-        .args(["run", "-t", "2", "-c", "512", "--no-prefix-cache", "--num-beams", "1", "--temp", "1.5"])
-        .args(["--seed", "3", "-n", "440", "-p", "こんにちは", "--rpc", &rpc, "--tensor-split", "0,1,1", "-m"])
+        .args(["run", "-t", "2", "-c", "512", "--no-prefix-cache", "--greedy", "-n", "440", "--min-tokens", "440"])
+        .args(["-p", "こんにちは", "--rpc", &rpc, "--tensor-split", "0,1,1", "-m"])
         .arg(&llm)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -210,23 +220,29 @@ fn unreachable_and_foreign_servers_are_clear_errors() {
     fail("127.0.0.1", "--rpc 127.0.0.1: expected HOST:PORT");
     fail("127.0.0.1:http", "expected HOST:PORT, with a port number");
 
-    // Fake servers: one answers the handshake as protocol 6.1.0 would, one closes the connection, one says
-    // nothing at all (an RPC server busy with another client).
-    let fake = |reply: Option<Vec<u8>>| {
+    // Fake servers: one answers the handshake as protocol 6.1.0 would, one hangs up, one answers like an HTTP
+    // server, one says nothing at all (as an RPC server busy with another client).
+    enum Fake {
+        Reply(Vec<u8>),
+        HangUp,
+        Silent,
+    }
+    let fake = |how: Fake| {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
         std::thread::spawn(move || {
+            let mut held = Vec::new();
             for s in l.incoming() {
                 let Ok(mut s) = s else { return };
                 let mut hello = [0u8; 33];
                 let _ = s.read_exact(&mut hello);
-                match &reply {
-                    Some(r) => {
+                match &how {
+                    Fake::Reply(r) => {
                         let _ = s.write_all(r);
-                        std::thread::sleep(Duration::from_secs(2));
+                        held.push(s);
                     }
-                    None if hello[0] == 14 => drop(s),
-                    None => {}
+                    Fake::HangUp => drop(s),
+                    Fake::Silent => held.push(s),
                 }
             }
         });
@@ -235,12 +251,14 @@ fn unreachable_and_foreign_servers_are_clear_errors() {
     let mut v6 = 28u64.to_le_bytes().to_vec();
     v6.extend_from_slice(&[6, 1, 0, 0]);
     v6.extend_from_slice(&[0; 24]);
-    let p = fake(Some(v6));
+    let p = fake(Fake::Reply(v6));
     fail(&format!("127.0.0.1:{p}"), "speaks RPC protocol 6.1.0, this build 7.0.0");
-    let p = fake(None);
+    let p = fake(Fake::HangUp);
     fail(&format!("127.0.0.1:{p}"), "closed the connection during the RPC handshake");
-    let p = fake(Some(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()));
+    let p = fake(Fake::Reply(b"HTTP/1.1 400 Bad Request\r\n\r\n".to_vec()));
     fail(&format!("127.0.0.1:{p}"), "not an RPC server of protocol 7.0.0");
+    let p = fake(Fake::Silent);
+    fail(&format!("127.0.0.1:{p}"), "no answer to the RPC handshake within 10 s");
 
     // Shares that do not match the devices.
     let a = RpcServer::start();
@@ -250,13 +268,29 @@ fn unreachable_and_foreign_servers_are_clear_errors() {
     assert!(!status.success() && err.contains("--tensor-split has 3 shares for 2 devices"), "{err}");
 }
 
-/// `rpc-server` listens on loopback unless told otherwise, with ggml's warning; a taken port is an error.
+/// `rpc-server` listens on loopback unless told otherwise; a host name is resolved; a taken port is an error.
 #[test]
 fn rpc_server_refuses_an_open_address_without_expose() {
     let out = common::asagi_gguf().args(["rpc-server", "--host", "0.0.0.0", "--port", "1"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1));
     assert!(err.contains("--host 0.0.0.0 is not a loopback address") && err.contains("--expose"), "{err}");
+    // A name is resolved (ggml's server itself takes IPv4 addresses only).
+    let port = free_port();
+    let mut named = common::asagi_gguf()
+        .args(["rpc-server", "--host", "localhost", "--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(named.try_wait().unwrap().is_none(), "rpc-server --host localhost exited");
+        assert!(t.elapsed() < Duration::from_secs(60), "rpc-server --host localhost did not listen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = named.kill();
+    let _ = named.wait();
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port().to_string();
     let out = common::asagi_gguf().args(["rpc-server", "--port", &port]).output().unwrap();

@@ -230,7 +230,11 @@ pub fn write_prefix(session: &Session<'_>, caches: &Caches, items: &[Item]) -> R
     let key = caches.prefix_key(items);
     let snap = Snapshot { items, n_prompt_items: 0, logits: &[], cache: &session.cache, seq: 0 };
     let len = snap.len(&caches.expect)?;
-    disk.write(super::store::Kind::Prefix, &key, len, |w| snap.write(&caches.expect, w))
+    // (Checked after the rows were read: cells of an RPC server that failed read as zeros, never to be saved.)
+    disk.write(super::store::Kind::Prefix, &key, len, |w| {
+        snap.write(&caches.expect, w)?;
+        session.health()
+    })
 }
 
 /// Saves sequence 0 of `session` as a session file: `items` (the prompt and what was generated after it, as far
@@ -253,6 +257,9 @@ pub fn save_session(
         Snapshot { items: &items[..n], n_prompt_items: n_prompt_items.min(n), logits, cache: &session.cache, seq: 0 };
     let logits_ok = n >= n_prompt_items;
     let snap = if logits_ok { snap } else { Snapshot { logits: &[], ..snap } };
-    super::store::atomic_write(path, |w| snap.write(&caches.expect, w))
-        .with_context(|| format!("cannot save the session to {}", path.display()))
+    super::store::atomic_write(path, |w| {
+        snap.write(&caches.expect, w)?;
+        session.health()
+    })
+    .with_context(|| format!("cannot save the session to {}", path.display()))
 }

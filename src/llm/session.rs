@@ -52,11 +52,14 @@ pub struct SessionParams {
     /// Largest batch computed at once (prompts are split into micro-batches of this size).
     pub n_ubatch: usize,
     pub cache_type: Type,
+    /// Where each layer's KV cache lives: the buffer type of the device its block runs on (this machine's memory,
+    /// a GPU, an RPC server), so that its attention reads it there. Empty: every layer's on the first backend.
+    pub layer_buffers: Vec<ggml::BufferType>,
 }
 
 impl Default for SessionParams {
     fn default() -> Self {
-        SessionParams { n_ctx: 4096, n_ubatch: 512, cache_type: Type::F16 }
+        SessionParams { n_ctx: 4096, n_ubatch: 512, cache_type: Type::F16, layer_buffers: Vec::new() }
     }
 }
 
@@ -82,6 +85,11 @@ pub struct Session<'a> {
     kept: Option<(Shape, KeptGraph<'a>)>,
     /// Graphs built so far (a measure of reuse).
     graphs_built: usize,
+    /// With blocks on RPC servers: the backend (index into `backends`) of each layer, whose output (`l_out`) is
+    /// computed there. Left to itself, ggml's scheduler computes a layer's closing residual sum on the next
+    /// layer's device, which then receives both of its operands instead of the sum: twice the activations on the
+    /// network at each change of device.
+    layer_pins: Option<Vec<usize>>,
     /// Buffers of the inputs written at every step, kept between steps so that a step allocates nothing.
     mask: Vec<half::f16>,
     ids: Vec<i32>,
@@ -94,18 +102,26 @@ pub struct Session<'a> {
 impl<'a> Session<'a> {
     /// `backends` in priority order, CPU last.
     pub fn new(model: &'a LlamaModel<'a>, backends: &[&'a Backend], p: &SessionParams) -> Result<Session<'a>> {
-        let cpu = backends.last().context("no backend")?;
-        // Each layer's cache lives where its block's weights are (a GPU, an RPC server), so that its attention runs
-        // there; a layer whose weights are in this machine's memory has its cache there too, as llama.cpp places
-        // them.
-        let place: Vec<ggml::BufferType> = model
-            .layers
-            .iter()
-            .map(|l| l.wk.buffer_type().filter(|b| !b.is_cpu()).unwrap_or_else(|| cpu.buffer_type()))
-            .collect();
+        let first = backends.first().context("no backend")?;
+        let place = match p.layer_buffers.is_empty() {
+            true => vec![first.buffer_type(); model.hp.n_layer],
+            false if p.layer_buffers.len() == model.hp.n_layer => p.layer_buffers.clone(),
+            false => bail!("{} layer buffer types for {} layers", p.layer_buffers.len(), model.hp.n_layer),
+        };
         let cache = KvCache::new_placed(&model.hp, p.n_ctx, p.cache_type, &place)?;
         let max_nodes = 64 + 48 * model.hp.n_layer;
         let sched = Scheduler::new(backends, max_nodes)?;
+        // (Only with RPC servers: on a GPU, ggml moves large batches of CPU layers to the GPU itself, which a pin
+        // to the CPU would undo.)
+        let layer_pins = match backends.iter().any(|b| b.is_rpc()) {
+            false => None,
+            true => Some(
+                place
+                    .iter()
+                    .map(|&b| backends.iter().position(|x| x.supports_buft(b)).unwrap_or(backends.len() - 1))
+                    .collect(),
+            ),
+        };
         let mut session = Session {
             model,
             cache,
@@ -113,6 +129,7 @@ impl<'a> Session<'a> {
             n_ubatch: p.n_ubatch.max(1),
             max_nodes,
             backends: backends.to_vec(),
+            layer_pins,
             kept: None,
             graphs_built: 0,
             mask: Vec::new(),
@@ -134,8 +151,18 @@ impl<'a> Session<'a> {
         let ctx = Context::new(self.max_nodes * 2, self.max_nodes)?;
         let shape = Shape { n, n_kv, n_out: n.min(64), embeddings: false };
         let gf = Self::graph(self.model, &self.cache.tensors(), self.max_nodes, &ctx, shape);
-        self.sched.reserve(&gf)?;
+        let pins = self.pins(|n| gf.tensor(n));
+        self.sched.reserve_pinned(&gf, &pins)?;
         Ok(())
+    }
+
+    /// The layer outputs pinned to their layers' backends (`layer_pins`), found by name in a graph.
+    fn pins<'g>(&self, find: impl Fn(&str) -> Option<ggml::Tensor<'g>>) -> Vec<(ggml::Tensor<'g>, &'a Backend)> {
+        let Some(pins) = &self.layer_pins else { return Vec::new() };
+        pins.iter()
+            .enumerate()
+            .filter_map(|(il, &b)| find(&format!("l_out-{il}")).map(|t| (t, self.backends[b])))
+            .collect()
     }
 
     /// Bytes of the compute buffers on the host (the GPU's are not host memory).
@@ -264,7 +291,8 @@ impl<'a> Session<'a> {
         let kept = &self.kept.as_ref().expect("built above").1;
         let gf = kept.graph();
         if !self.sched.is_allocated(&gf) {
-            self.sched.alloc(&gf)?;
+            let pins = self.pins(|n| kept.tensor(n));
+            self.sched.alloc_pinned(&gf, &pins)?;
         }
         let input = |name: &str| kept.tensor(name).with_context(|| format!("graph input {name}"));
         match batch.input {

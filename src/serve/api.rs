@@ -331,7 +331,8 @@ fn validate(
     let min_tokens = match r.min_tokens {
         Some(m) if m > max_tokens as u64 => return bad("min_tokens: at most max_tokens"),
         Some(m) => m as usize,
-        None => 0,
+        // The server's --min-tokens, within this request's length.
+        None => d.min_tokens.min(max_tokens),
     };
     let stream = r.stream.unwrap_or(false);
     let beams = if d.greedy { 1 } else { d.num_beams };

@@ -108,6 +108,18 @@ impl Backend {
         Backend { raw, is_cpu: false, rpc: Some((state, device)) }
     }
 
+    /// True for a device of an RPC server.
+    pub fn is_rpc(&self) -> bool {
+        self.rpc.is_some()
+    }
+
+    /// Whether this backend computes on tensors held in buffers of type `buft` (its own type; for the CPU also
+    /// host memory and its extra types).
+    pub fn supports_buft(&self, buft: crate::BufferType) -> bool {
+        // SAFETY: a valid backend and a buffer type that lives for the program.
+        unsafe { sys::ggml_backend_supports_buft(self.as_ptr(), buft.as_ptr()) }
+    }
+
     /// Ok unless this is a device of an RPC server that has failed (the error names the server).
     pub fn health(&self) -> Result<()> {
         match &self.rpc {

@@ -127,16 +127,6 @@ impl BufferType {
         out
     }
 
-    /// True when buffers of this type are the CPU's memory (the CPU's own type, its extra types, host buffers).
-    pub fn is_cpu(self) -> bool {
-        // SAFETY: valid buffer type; its device (if any) is a static registry entry.
-        unsafe {
-            let dev = sys::ggml_backend_buft_get_device(self.as_ptr());
-            sys::ggml_backend_buft_is_host(self.as_ptr())
-                || (!dev.is_null() && sys::ggml_backend_dev_type(dev) == sys::GGML_BACKEND_DEVICE_TYPE_CPU)
-        }
-    }
-
     /// The type's name (`CPU`, `CPU_REPACK`, `AMX`, `CUDA0`, ...).
     pub fn name(self) -> String {
         // SAFETY: valid buffer type; static NUL-terminated string.

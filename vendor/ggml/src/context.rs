@@ -95,9 +95,17 @@ impl Context {
         let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(self.as_ptr(), buft.as_ptr()) };
         let buffer = NonNull::new(raw).ok_or(Error::OutOfMemory("ggml_backend_alloc_ctx_tensors_from_buft"))?;
         // SAFETY: a fresh buffer that we own from now on.
-        let buffer = unsafe { Buffer::from_raw(buffer, None) };
-        buffer.set_usage_weights();
-        self.buffers.borrow_mut().push(buffer);
+        self.buffers.borrow_mut().push(unsafe { Buffer::from_raw(buffer, None) });
+        Ok(())
+    }
+
+    /// As `alloc_tensors_in`, for weights: ggml is told the buffer holds weights (an RPC server then caches
+    /// large ones by content hash; the scheduler keeps ops on it where they are).
+    pub fn alloc_weights_in(&self, buft: BufferType) -> Result<()> {
+        self.alloc_tensors_in(buft)?;
+        if let Some(b) = self.buffers.borrow().last() {
+            b.set_usage_weights();
+        }
         Ok(())
     }
 

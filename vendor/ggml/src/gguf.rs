@@ -553,7 +553,7 @@ impl GgufFile {
             pairs.push((ctx.new_tensor(src.ty(), &src.ne()[..n_dims]).named(n), n));
         }
         if !names.is_empty() {
-            ctx.alloc_tensors_in(buft)?;
+            ctx.alloc_weights_in(buft)?;
         }
         for (t, n) in pairs {
             ctx.write(t, self.mapped_bytes(n)?)?;

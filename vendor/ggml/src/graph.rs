@@ -58,6 +58,15 @@ impl<'ctx> Graph<'ctx> {
         unsafe { Tensor::from_raw(sys::ggml_graph_node(self.as_ptr(), i as i32)) }
     }
 
+    /// The graph's tensor (node or leaf) named `name`.
+    pub fn tensor(&self, name: &str) -> Option<Tensor<'ctx>> {
+        let c = CString::new(name).ok()?;
+        // SAFETY: a valid graph and a NUL-terminated name; ggml returns null when no tensor has the name.
+        let t = unsafe { sys::ggml_graph_get_tensor(self.as_ptr(), c.as_ptr()) };
+        // SAFETY: a non-null result is a tensor of this graph, whose tensors all outlive 'ctx.
+        (!t.is_null()).then(|| unsafe { Tensor::from_raw(t) })
+    }
+
     /// The context the graph lives in.
     pub fn context(&self) -> &'ctx Context {
         self.ctx

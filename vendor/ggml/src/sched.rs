@@ -51,23 +51,52 @@ impl<'b> Scheduler<'b> {
 
     /// Reserves buffers large enough for `graph` (call with the largest graph to avoid reallocations).
     pub fn reserve(&mut self, graph: &Graph<'_>) -> Result<()> {
+        self.reserve_pinned(graph, &[])
+    }
+
+    /// As `reserve`, with nodes of `graph` pinned to backends as `alloc_pinned` pins them.
+    pub fn reserve_pinned(&mut self, graph: &Graph<'_>, pins: &[(Tensor<'_>, &Backend)]) -> Result<()> {
         // ggml resets the scheduler after reserving: no graph stays allocated.
         self.allocated = None;
+        // SAFETY: valid scheduler and graph; a reset drops earlier assignments before the pins are set.
+        unsafe { sys::ggml_backend_sched_reset(self.as_ptr()) };
+        self.pin(pins)?;
         // SAFETY: valid scheduler and graph.
         let ok = unsafe { sys::ggml_backend_sched_reserve(self.as_ptr(), graph.as_ptr()) };
+        // (A failed RPC server shows as a failed allocation: say so instead.)
+        self.health()?;
         ok.then_some(()).ok_or(Error::OutOfMemory("ggml_backend_sched_reserve"))
     }
 
     /// Assigns backends to the graph's nodes and allocates its tensors; inputs can be written afterwards.
     pub fn alloc(&mut self, graph: &Graph<'_>) -> Result<()> {
+        self.alloc_pinned(graph, &[])
+    }
+
+    /// As `alloc`, with the nodes of `pins` computed on the backends given (ggml places the others around them):
+    /// where ggml's own placement would move data between devices more than needed.
+    pub fn alloc_pinned(&mut self, graph: &Graph<'_>, pins: &[(Tensor<'_>, &Backend)]) -> Result<()> {
         self.allocated = None;
-        // SAFETY: valid scheduler and graph; resetting first drops the previous graph's assignments.
-        let ok = unsafe {
-            sys::ggml_backend_sched_reset(self.as_ptr());
-            sys::ggml_backend_sched_alloc_graph(self.as_ptr(), graph.as_ptr())
-        };
+        // SAFETY: valid scheduler; resetting first drops the previous graph's assignments.
+        unsafe { sys::ggml_backend_sched_reset(self.as_ptr()) };
+        self.pin(pins)?;
+        // SAFETY: valid scheduler and graph.
+        let ok = unsafe { sys::ggml_backend_sched_alloc_graph(self.as_ptr(), graph.as_ptr()) };
+        self.health()?;
         ok.then_some(()).ok_or(Error::OutOfMemory("ggml_backend_sched_alloc_graph"))?;
         self.allocated = Some(graph.id());
+        Ok(())
+    }
+
+    fn pin(&mut self, pins: &[(Tensor<'_>, &Backend)]) -> Result<()> {
+        for (t, b) in pins {
+            // ggml asserts that the backend is one of the scheduler's.
+            if !self.backends.iter().any(|x| std::ptr::eq(x.as_ptr(), b.as_ptr())) {
+                return Err(Error::Backend(format!("{} is not a backend of this scheduler", b.name())));
+            }
+            // SAFETY: valid scheduler, a live tensor of the graph about to be allocated, one of its backends.
+            unsafe { sys::ggml_backend_sched_set_tensor_backend(self.as_ptr(), t.as_ptr(), b.as_ptr()) };
+        }
         Ok(())
     }
 

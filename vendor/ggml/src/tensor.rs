@@ -95,18 +95,6 @@ impl<'ctx> Tensor<'ctx> {
         unsafe { sys::ggml_is_contiguous(self.as_ptr()) }
     }
 
-    /// The type of the buffer holding the tensor's data, if it has one.
-    pub fn buffer_type(self) -> Option<crate::BufferType> {
-        let buffer = self.raw_buffer();
-        if buffer.is_null() {
-            return None;
-        }
-        // SAFETY: a live buffer (the tensor's owner keeps it); its type is a descriptor that lives for the program.
-        let buft = unsafe { sys::ggml_backend_buffer_get_type(buffer) };
-        // SAFETY: as above.
-        std::ptr::NonNull::new(buft).map(|b| unsafe { crate::BufferType::from_raw(b) })
-    }
-
     pub(crate) fn raw_buffer(self) -> *mut sys::ggml_backend_buffer {
         self.header().buffer
     }

@@ -26,6 +26,7 @@ use std::time::Duration;
 use crate::{sys, Backend, BufferType, Error, Result};
 
 pub(crate) use relay::State;
+pub use relay::DEFAULT_REPLY_TIMEOUT;
 
 /// How long connecting and the handshake may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -51,6 +52,9 @@ pub struct RpcLink {
     local: CString,
     local_addr: SocketAddr,
     n_devices: u32,
+    /// A backend held for the link's life: ggml's client keeps one connection per endpoint while anything of it
+    /// lives (otherwise it reconnects for every query), so no other local process can slip in between.
+    _keeper: Option<Backend>,
 }
 
 fn err(remote: &str, msg: impl std::fmt::Display) -> Error {
@@ -59,8 +63,9 @@ fn err(remote: &str, msg: impl std::fmt::Display) -> Error {
 
 impl RpcLink {
     /// Connects to the server at `remote` (`host:port`), checks that it speaks this build's protocol and has a
-    /// device, and starts the relay. Every failure is an error naming the server.
-    pub fn connect(remote: &str) -> Result<RpcLink> {
+    /// device, and starts the relay. A reply that takes longer than `reply_timeout` counts as a failure of the
+    /// server (`DEFAULT_REPLY_TIMEOUT`: 300 s). Every failure is an error naming the server.
+    pub fn connect(remote: &str, reply_timeout: Duration) -> Result<RpcLink> {
         let addrs: Vec<SocketAddr> =
             remote.to_socket_addrs().map_err(|e| err(remote, format!("not a reachable HOST:PORT ({e})")))?.collect();
         let mut last = None;
@@ -80,22 +85,25 @@ impl RpcLink {
         };
         setup(&stream).map_err(|e| err(remote, format!("cannot set up the connection ({e})")))?;
         let (hello, n_devices) = handshake(&mut stream).map_err(|m| err(remote, m))?;
+        // (Reads get their deadline per reply in the relay; a write blocked by a server that stopped reading
+        // fails after the same time.)
         stream
-            .set_read_timeout(Some(relay::REPLY_TIMEOUT))
-            .and_then(|()| stream.set_write_timeout(Some(relay::REPLY_TIMEOUT)))
+            .set_write_timeout(Some(reply_timeout))
             .map_err(|e| err(remote, format!("cannot set up the connection ({e})")))?;
 
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .map_err(|e| err(remote, format!("no local port for the relay ({e})")))?;
         let local_addr = listener.local_addr().map_err(|e| err(remote, e))?;
-        let state = Arc::new(State::new(remote));
+        let state = Arc::new(State::new(remote, reply_timeout));
         let thread_state = Arc::clone(&state);
         std::thread::Builder::new()
             .name(format!("rpc relay {remote}"))
             .spawn(move || relay::run(listener, stream, hello, n_devices, thread_state))
             .map_err(|e| err(remote, format!("cannot start the relay thread ({e})")))?;
         let local = CString::new(local_addr.to_string()).expect("an address has no NUL");
-        Ok(RpcLink { state, local, local_addr, n_devices })
+        let mut link = RpcLink { state, local, local_addr, n_devices, _keeper: None };
+        link._keeper = Some(link.backend(0)?);
+        Ok(link)
     }
 
     /// The server as given to `connect`.
@@ -134,8 +142,9 @@ impl RpcLink {
     pub fn device_memory(&self, device: u32) -> Result<(usize, usize)> {
         self.check_device(device)?;
         let (mut free, mut total) = (0usize, 0usize);
-        // SAFETY: the endpoint is our relay's, which always answers with a well-formed reply (see the module
-        // documentation), so ggml's client cannot abort; the out-pointers are valid locals.
+        // SAFETY: the out-pointers are valid locals; the endpoint is our relay's, which accepts for the rest of the
+        // program and always answers with a well-formed reply (see the module documentation), so ggml's client
+        // neither aborts nor waits forever.
         unsafe { sys::ggml_backend_rpc_get_device_memory(self.local.as_ptr(), device, &mut free, &mut total) };
         self.health()?;
         Ok((free, total))
@@ -177,9 +186,11 @@ impl Health {
 
 impl Drop for RpcLink {
     fn drop(&mut self) {
-        // The relay ends (and closes the server connection) once ggml's client has closed its own, which it does
-        // when the last buffer and backend of this server are freed. A relay waiting for a connection is woken.
+        // The relay closes the server connection once ggml's client has closed its own, which it does when the
+        // last buffer and backend of this server are freed (the keeper goes right after this); a relay waiting for
+        // a connection is woken to do it.
         self.state.closing.store(true, Ordering::Release);
+        self._keeper = None;
         let _ = TcpStream::connect_timeout(&self.local_addr, Duration::from_secs(1));
     }
 }
@@ -193,14 +204,15 @@ pub(crate) fn health(state: &State) -> Result<()> {
 }
 
 /// No delay for small messages (a decode step is a few round trips of a few KB), and keepalive probes so that a
-/// machine that vanishes (power, network) is noticed even while a reply is awaited.
+/// machine that vanishes (power, network) is noticed even while a reply is awaited. Keepalive is a refinement:
+/// where the system (or an emulator) lacks one of its options, the reply timeout still bounds the wait.
 fn setup(s: &TcpStream) -> std::io::Result<()> {
     s.set_nodelay(true)?;
     let (idle, interval, count) = relay::KEEPALIVE;
-    rustix::net::sockopt::set_socket_keepalive(s, true)?;
-    rustix::net::sockopt::set_tcp_keepidle(s, idle)?;
-    rustix::net::sockopt::set_tcp_keepintvl(s, interval)?;
-    rustix::net::sockopt::set_tcp_keepcnt(s, count)?;
+    let _ = rustix::net::sockopt::set_socket_keepalive(s, true)
+        .and_then(|()| rustix::net::sockopt::set_tcp_keepidle(s, idle))
+        .and_then(|()| rustix::net::sockopt::set_tcp_keepintvl(s, interval))
+        .and_then(|()| rustix::net::sockopt::set_tcp_keepcnt(s, count));
     Ok(())
 }
 

@@ -22,7 +22,7 @@ use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::sys;
 
@@ -90,10 +90,11 @@ fn stand_in(cmd: u8, n: usize) -> Vec<u8> {
     out
 }
 
-/// Longest a reply may take: a generous bound on one graph computation of a remote share of a model (a long
-/// prompt's micro-batch on a slow board), past which the server counts as hung. A server that is killed or whose
-/// machine goes away is noticed sooner: its connection closes, or TCP keepalive gives up (`KEEPALIVE`).
-pub(crate) const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest a reply may take by default (`RpcLink::connect` takes another): a generous bound on one graph
+/// computation of a remote share of a model (a long prompt's micro-batch on a slow board), past which the server
+/// counts as hung. A server that is killed or whose machine goes away is noticed sooner: its connection closes, or
+/// TCP keepalive gives up (`KEEPALIVE`).
+pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 /// TCP keepalive on the server connection: idle time, probe interval, probes.
 pub(crate) const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(10), Duration::from_secs(5), 3);
 
@@ -109,18 +110,22 @@ pub(crate) struct State {
     /// Bytes sent to and received from the server (framing included).
     pub sent: AtomicU64,
     pub received: AtomicU64,
-    /// Set when the link is dropped: the relay ends once ggml's client has no connection open.
+    /// Set when the link is dropped: the relay closes the server connection once ggml's client has closed its
+    /// own, and from then on answers every command itself.
     pub closing: AtomicBool,
+    /// Longest wait for one whole reply.
+    pub reply_timeout: Duration,
 }
 
 impl State {
-    pub(crate) fn new(remote: &str) -> State {
+    pub(crate) fn new(remote: &str, reply_timeout: Duration) -> State {
         State {
             remote: remote.to_string(),
             failure: Mutex::new(None),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            reply_timeout,
         }
     }
 
@@ -142,12 +147,12 @@ impl State {
 }
 
 /// Describes an I/O error on the server connection for the user.
-pub(crate) fn describe(e: &io::Error, doing: &str) -> String {
+pub(crate) fn describe(e: &io::Error, doing: &str, timeout: Duration) -> String {
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
             format!(
-                "no answer while {doing} for {} s (the server hangs or the network is down)",
-                REPLY_TIMEOUT.as_secs()
+                "no answer while {doing} for {} s (the server hangs or the network is down; --rpc-timeout)",
+                timeout.as_secs()
             )
         }
         io::ErrorKind::UnexpectedEof
@@ -160,10 +165,12 @@ pub(crate) fn describe(e: &io::Error, doing: &str) -> String {
     }
 }
 
-/// The server side of the relay: the connection, or none once it could not be set up.
+/// The server side of the relay: the connection, or none once it could not be set up or was closed.
 struct Server {
     io: Option<(BufReader<TcpStream>, BufWriter<TcpStream>)>,
     state: Arc<State>,
+    /// The buffers the server allocated for us: (remote_ptr, size), to check the base addresses it gives.
+    sizes: Vec<(u64, u64)>,
 }
 
 impl Server {
@@ -173,34 +180,63 @@ impl Server {
             Ok(()) => {
                 self.state.sent.fetch_add(bytes.len() as u64, Ordering::Relaxed);
             }
-            Err(e) => self.state.fail(describe(&e, &format!("sending {cmd}"))),
+            Err(e) => self.state.fail(describe(&e, &format!("sending {cmd}"), self.state.reply_timeout)),
         }
     }
 
     fn flush(&mut self, cmd: &str) {
         let Some((_, writer)) = self.io.as_mut().filter(|_| self.state.alive()) else { return };
         if let Err(e) = writer.flush() {
-            self.state.fail(describe(&e, &format!("sending {cmd}")));
+            self.state.fail(describe(&e, &format!("sending {cmd}"), self.state.reply_timeout));
         }
     }
 
-    /// Reads `buf.len()` bytes of a reply; zeros (and the failure recorded) if the server cannot give them.
-    fn recv(&mut self, buf: &mut [u8], cmd: &str) {
+    /// Reads `buf.len()` bytes of a reply due by `deadline`; zeros (and the failure recorded) if the server cannot
+    /// give them in time. (The deadline bounds the whole reply: a server trickling a byte at a time cannot hold
+    /// ggml's client for longer.)
+    fn recv(&mut self, buf: &mut [u8], cmd: &str, deadline: Instant) {
+        let timeout = self.state.reply_timeout;
         if let Some((reader, _)) = self.io.as_mut().filter(|_| self.state.alive()) {
-            match reader.read_exact(buf) {
+            match read_by(reader, buf, deadline) {
                 Ok(()) => {
                     self.state.received.fetch_add(buf.len() as u64, Ordering::Relaxed);
                     return;
                 }
-                Err(e) => self.state.fail(describe(&e, &format!("waiting for the reply to {cmd}"))),
+                Err(e) => self.state.fail(describe(&e, &format!("waiting for the reply to {cmd}"), timeout)),
             }
         }
         buf.fill(0);
     }
+
+    /// Closes the server connection (the server frees what it held for us); every later command is answered by
+    /// the relay.
+    fn close(&mut self, why: &str) {
+        if let Some((_, writer)) = self.io.take() {
+            let _ = writer.get_ref().shutdown(std::net::Shutdown::Both);
+        }
+        self.state.fail(why.to_string());
+    }
 }
 
-/// Runs the relay until the link is dropped and ggml's client has closed its connection. Whatever happens, the
-/// thread ends quietly: its errors are the server's (recorded in `state`) or the end of the program.
+/// `read_exact` that gives up at `deadline`.
+fn read_by(reader: &mut BufReader<TcpStream>, mut buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        reader.get_ref().set_read_timeout(Some(left))?;
+        match reader.read(buf) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the relay for the rest of the program. Its errors are the server's, recorded in `state`.
 pub(crate) fn run(
     listener: TcpListener,
     remote: TcpStream,
@@ -215,32 +251,23 @@ pub(crate) fn run(
             None
         }
     };
-    let mut server = Server { io, state: Arc::clone(&state) };
+    let mut server = Server { io, state: Arc::clone(&state), sizes: Vec::new() };
     let mut buf = vec![0u8; CHUNK];
+    // The relay never stops accepting: ggml's client connects to this endpoint as long as anything of ggml still
+    // names it (a buffer type is never freed), and a connection refused or never answered would abort or hang it.
+    // Once the link is gone, the server connection is closed and the relay answers every command itself.
     for client in listener.incoming() {
         if state.closing.load(Ordering::Acquire) {
-            break; // the link's wake-up connection
+            server.close("the link to the server was closed");
         }
         let Ok(client) = client else { continue };
         let _ = client.set_nodelay(true);
         // An error here is ggml's client going away (its dispatcher closed the socket): wait for the next.
         let _ = serve_client(client, &mut server, &hello, n_devices, &mut buf);
         if state.closing.load(Ordering::Acquire) {
-            break;
+            server.close("the link to the server was closed");
         }
     }
-    // Closing the server connection makes the server free everything it held for us.
-    if let Some((_, writer)) = &server.io {
-        let _ = writer.get_ref().shutdown(std::net::Shutdown::Both);
-    }
-    retire(listener);
-}
-
-/// Keeps the relay's port bound until the program ends, so that no later link of this program gets the same
-/// endpoint: ggml caches per endpoint string (buffer types with the server's alignment, device lists) for good.
-fn retire(listener: TcpListener) {
-    static RETIRED: Mutex<Vec<TcpListener>> = Mutex::new(Vec::new());
-    RETIRED.lock().unwrap_or_else(|e| e.into_inner()).push(listener);
 }
 
 /// Serves one connection of ggml's client until it closes (an error: the client side went away).
@@ -258,7 +285,7 @@ fn serve_client(
         from.read_exact(&mut head)?;
         let cmd = head[0];
         let size = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
-        let Some(&(name, reply)) = COMMANDS.get(cmd as usize) else {
+        let Some(&(name, _)) = COMMANDS.get(cmd as usize) else {
             // Not a command of protocol 7.0 (the build checks ggml's protocol version): drop the connection.
             return Err(io::Error::other(format!("unknown RPC command {cmd}")));
         };
@@ -276,46 +303,124 @@ fn serve_client(
             }
             _ => {}
         }
-        // The request, passed on in chunks; its last 8 bytes kept (GET_TENSOR's size).
         server.send(&head, name);
-        let mut tail = [0u8; 8];
-        let mut left = size;
-        while left > 0 {
-            let k = left.min(buf.len() as u64) as usize;
-            from.read_exact(&mut buf[..k])?;
-            server.send(&buf[..k], name);
-            keep_tail(&mut tail, &buf[..k]);
-            left -= k as u64;
+        if let Err(e) = exchange(&mut from, &mut to, server, cmd, size, buf) {
+            // ggml's client went away in the middle of a command: the server connection is out of step.
+            server.state.fail(format!("the local RPC client stopped in the middle of {name}"));
+            return Err(e);
         }
-        server.flush(name);
-        let want = match reply {
-            Reply::None => continue,
-            Reply::Fixed(n) => n,
-            Reply::Requested if size >= 8 => u64::from_le_bytes(tail),
-            Reply::Requested => return Err(io::Error::other(format!("a {name} request of {size} bytes"))),
-        };
-        // The reply: the server's when its size is the command's, else (a failed or misbehaving server) the
-        // stand-in, so that ggml's client always gets what it waits for.
+    }
+}
+
+/// The rest of one command after its head: the request's body to the server, the reply back to ggml's client.
+fn exchange(
+    from: &mut BufReader<TcpStream>,
+    to: &mut BufWriter<TcpStream>,
+    server: &mut Server,
+    cmd: u8,
+    size: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let (name, reply) = COMMANDS[cmd as usize];
+    // The request, passed on in chunks; its last 8 bytes kept (GET_TENSOR's size).
+    let mut tail = [0u8; 8];
+    let mut left = size;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        from.read_exact(&mut buf[..k])?;
+        server.send(&buf[..k], name);
+        keep_tail(&mut tail, &buf[..k]);
+        left -= k as u64;
+    }
+    server.flush(name);
+    let want = match reply {
+        Reply::None => return Ok(()),
+        Reply::Fixed(n) => n,
+        Reply::Requested if size >= 8 => u64::from_le_bytes(tail),
+        Reply::Requested => return Err(io::Error::other(format!("a {name} request of {size} bytes"))),
+    };
+    // The reply: the server's when its size is the command's and its values are ones ggml can use, else (a
+    // failed or misbehaving server) the stand-in, so that ggml's client always gets what it waits for.
+    let deadline = Instant::now() + server.state.reply_timeout;
+    if server.state.alive() {
+        let mut len = [0u8; 8];
+        server.recv(&mut len, name, deadline);
+        let got = u64::from_le_bytes(len);
+        if server.state.alive() && got != want {
+            server.state.fail(format!("the server sent a reply of {got} bytes to {name}, expected {want}"));
+        }
+    }
+    if want <= 16 {
+        // The fixed replies: read whole, checked, then passed on.
+        let reply = &mut buf[..want as usize];
+        server.recv(reply, name, deadline);
         if server.state.alive() {
-            let mut len = [0u8; 8];
-            server.recv(&mut len, name);
-            let got = u64::from_le_bytes(len);
-            if server.state.alive() && got != want {
-                server.state.fail(format!("the server sent a reply of {got} bytes to {name}, expected {want}"));
+            if let Err(why) = server.check(cmd, &tail, reply) {
+                server.state.fail(format!("the server sent {why} in reply to {name}"));
             }
+        }
+        if !server.state.alive() {
+            reply.copy_from_slice(&stand_in(cmd, want as usize));
         }
         to.write_all(&want.to_le_bytes())?;
-        let mut left = want;
-        while left > 0 {
-            let k = left.min(buf.len() as u64) as usize;
-            server.recv(&mut buf[..k], name);
-            if !server.state.alive() {
-                buf[..k].copy_from_slice(&stand_in(cmd, k));
-            }
-            to.write_all(&buf[..k])?;
-            left -= k as u64;
+        to.write_all(reply)?;
+        return to.flush();
+    }
+    to.write_all(&want.to_le_bytes())?;
+    let mut left = want;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        server.recv(&mut buf[..k], name, deadline);
+        if !server.state.alive() {
+            buf[..k].fill(0);
         }
-        to.flush()?;
+        to.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    to.flush()
+}
+
+/// Largest alignment and per-tensor allocation size a server may ask for (ggml adds and rounds with them).
+const MAX_ALIGNMENT: u64 = 1 << 20;
+const MAX_ALLOC: u64 = 1 << 48;
+
+impl Server {
+    /// Checks the values of a fixed reply that ggml's client would trip over (divide by, assert on, overflow
+    /// with); `request_tail` is the request's last 8 bytes. Remembers the sizes of the buffers allocated.
+    fn check(&mut self, cmd: u8, request_tail: &[u8; 8], reply: &[u8]) -> Result<(), String> {
+        let u64_at = |i: usize| u64::from_le_bytes(reply[i..i + 8].try_into().expect("8 bytes"));
+        let requested = u64::from_le_bytes(*request_tail);
+        match COMMANDS[cmd as usize].0 {
+            "GET_ALIGNMENT" => {
+                let a = u64_at(0);
+                if !a.is_power_of_two() || a > MAX_ALIGNMENT {
+                    return Err(format!("an alignment of {a}"));
+                }
+            }
+            "GET_MAX_SIZE" if u64_at(0) < 4096 => return Err(format!("a maximum buffer size of {}", u64_at(0))),
+            "GET_ALLOC_SIZE" if u64_at(0) > MAX_ALLOC => return Err(format!("an allocation size of {}", u64_at(0))),
+            "ALLOC_BUFFER" => {
+                let (ptr, size) = (u64_at(0), u64_at(8));
+                if ptr != 0 {
+                    // (`requested` is the request's `size`, its last field.)
+                    if size < requested || size > MAX_ALLOC {
+                        return Err(format!("a buffer of {size} bytes for {requested} asked"));
+                    }
+                    self.sizes.retain(|&(p, _)| p != ptr);
+                    self.sizes.push((ptr, size));
+                }
+            }
+            "BUFFER_GET_BASE" => {
+                // (`requested` is the request's `remote_ptr`.)
+                let base = u64_at(0);
+                let size = self.sizes.iter().find(|&&(p, _)| p == requested).map_or(0, |&(_, s)| s);
+                if base == 0 || base.checked_add(size).is_none() {
+                    return Err(format!("a base address of {base:#x} for a buffer of {size} bytes"));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 
