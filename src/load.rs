@@ -152,8 +152,8 @@ impl Loaded {
         if !a.rpc.is_empty() && a.n_gpu_layers > 0 {
             bail!("--rpc together with --n-gpu-layers is not supported yet: split across this machine's CPU and the servers, or use the GPU alone");
         }
-        if a.rpc_timeout == 0 {
-            bail!("--rpc-timeout: at least 1 second");
+        if a.rpc_timeout == 0 || a.rpc_timeout > 86_400 {
+            bail!("--rpc-timeout {}: between 1 and 86400 seconds", a.rpc_timeout);
         }
         let remotes = Remotes::connect(&a.rpc, std::time::Duration::from_secs(a.rpc_timeout))?;
         let split = match remotes.is_empty() {

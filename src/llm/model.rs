@@ -174,7 +174,7 @@ impl LlamaModel<'_> {
         for (il, l) in self.layers.iter().enumerate() {
             let name = |s: &str| format!("{s}-{il}");
             let inp_sa = x;
-            let cur = ctx.mul(ctx.rms_norm(x, hp.rms_eps), l.attn_norm).named(&name("attn_norm"));
+            let cur = ctx.mul(ctx.rms_norm(x, hp.rms_eps).named(&name("norm")), l.attn_norm).named(&name("attn_norm"));
 
             // Self-attention.
             let q = ctx.reshape(ctx.mul_mat(l.wq, cur), &[hd, nh, n_tokens]).named(&name("Qcur"));

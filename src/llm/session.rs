@@ -85,10 +85,10 @@ pub struct Session<'a> {
     kept: Option<(Shape, KeptGraph<'a>)>,
     /// Graphs built so far (a measure of reuse).
     graphs_built: usize,
-    /// With blocks on RPC servers: the backend (index into `backends`) of each layer, whose output (`l_out`) is
-    /// computed there. Left to itself, ggml's scheduler computes a layer's closing residual sum on the next
-    /// layer's device, which then receives both of its operands instead of the sum: twice the activations on the
-    /// network at each change of device.
+    /// With blocks on RPC servers: the backend (index into `backends`) of each layer, where its first node (the
+    /// input's `norm`) and its output (`l_out`) are computed. Left to itself, ggml's scheduler computes a layer's
+    /// closing residual sum, or the next layer's opening norm, on the other side of a change of device, which then
+    /// receives two rows of activations instead of one (llama.cpp pins its norms for the same reason).
     layer_pins: Option<Vec<usize>>,
     /// Buffers of the inputs written at every step, kept between steps so that a step allocates nothing.
     mask: Vec<half::f16>,
@@ -156,12 +156,13 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// The layer outputs pinned to their layers' backends (`layer_pins`), found by name in a graph.
+    /// Each layer's first and last node pinned to its backend (`layer_pins`), found by name in a graph.
     fn pins<'g>(&self, find: impl Fn(&str) -> Option<ggml::Tensor<'g>>) -> Vec<(ggml::Tensor<'g>, &'a Backend)> {
         let Some(pins) = &self.layer_pins else { return Vec::new() };
         pins.iter()
             .enumerate()
-            .filter_map(|(il, &b)| find(&format!("l_out-{il}")).map(|t| (t, self.backends[b])))
+            .flat_map(|(il, &b)| [format!("norm-{il}"), format!("l_out-{il}")].map(|n| (n, b)))
+            .filter_map(|(n, b)| find(&n).map(|t| (t, self.backends[b])))
             .collect()
     }
 

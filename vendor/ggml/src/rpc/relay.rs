@@ -260,7 +260,11 @@ pub(crate) fn run(
         if state.closing.load(Ordering::Acquire) {
             server.close("the link to the server was closed");
         }
-        let Ok(client) = client else { continue };
+        let Ok(client) = client else {
+            // (Out of file descriptors, say: wait instead of spinning.)
+            std::thread::sleep(Duration::from_millis(100));
+            continue;
+        };
         let _ = client.set_nodelay(true);
         // An error here is ggml's client going away (its dispatcher closed the socket): wait for the next.
         let _ = serve_client(client, &mut server, &hello, n_devices, &mut buf);
@@ -278,12 +282,24 @@ fn serve_client(
     n_devices: u32,
     buf: &mut [u8],
 ) -> io::Result<()> {
+    // ggml's client says HELLO as soon as it connects. Anything else on this port (another local process) must
+    // do so too, within seconds, or it is dropped rather than left to hold up ggml's connection behind it. (The
+    // relay serves one connection at a time; a link's own stays open for its whole life, see `RpcLink`.)
+    client.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut from = BufReader::with_capacity(CHUNK, client.try_clone()?);
     let mut to = BufWriter::with_capacity(CHUNK, client);
+    let mut greeted = false;
     loop {
         let mut head = [0u8; 9];
         from.read_exact(&mut head)?;
         let cmd = head[0];
+        if !greeted {
+            if cmd != HELLO {
+                return Err(io::Error::other("a connection that did not start with HELLO"));
+            }
+            greeted = true;
+            from.get_ref().set_read_timeout(None)?;
+        }
         let size = u64::from_le_bytes(head[1..9].try_into().expect("8 bytes"));
         let Some(&(name, _)) = COMMANDS.get(cmd as usize) else {
             // Not a command of protocol 7.0 (the build checks ggml's protocol version): drop the connection.
