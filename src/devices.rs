@@ -113,20 +113,6 @@ pub fn split_blocks(n_layer: usize, weights: &[f64]) -> Result<Vec<usize>> {
         .collect())
 }
 
-/// The tensors of the blocks `assign` gives to device `d` (`blk.N.*`).
-pub fn block_tensors(file: &GgufFile, assign: &[usize], d: usize) -> Vec<String> {
-    file.tensor_infos()
-        .iter()
-        .map(|t| t.name.clone())
-        .filter(|n| {
-            n.strip_prefix("blk.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|i| i.parse::<usize>().ok())
-                .is_some_and(|i| assign.get(i) == Some(&d))
-        })
-        .collect()
-}
-
 /// The split of a model across this machine and `remotes`: the block assignment and the uploads it needs.
 pub struct Split {
     /// Device of each block (0 = here).
@@ -160,7 +146,7 @@ impl Split {
             .map(|(i, d)| Offload {
                 buft: d.buft,
                 label: d.label.clone(),
-                names: block_tensors(file, &assign, 1 + i),
+                names: crate::llm::block_tensor_names(file, |b| assign.get(b) == Some(&(1 + i))),
                 remote: true,
             })
             .collect();

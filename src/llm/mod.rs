@@ -8,5 +8,5 @@ mod session;
 
 pub use hparams::HParams;
 pub use kv_cache::{KvCache, MAX_SEQ};
-pub use model::{is_matmul_weight, offloaded_tensors, LlamaModel};
+pub use model::{block_tensor_names, is_matmul_weight, offloaded_tensors, LlamaModel};
 pub use session::{Batch, Input, Session, SessionParams};

@@ -94,22 +94,26 @@ pub fn is_matmul_weight(name: &str) -> bool {
     name != "token_embd.weight" && !name.ends_with("_norm.weight")
 }
 
-/// The tensors a GPU takes with `-ngl n`, as llama.cpp offloads them: the last `n` blocks, and the output
-/// layer too once `n` exceeds the block count.
-pub fn offloaded_tensors(file: &GgufFile, n_gpu_layers: usize) -> Result<Vec<String>> {
-    let hp = HParams::read(file)?;
-    let first = hp.n_layer.saturating_sub(n_gpu_layers);
-    let mut names: Vec<String> = file
-        .tensor_infos()
+/// The names of the block tensors (`blk.N.*`) of the blocks `N` for which `keep` holds.
+pub fn block_tensor_names(file: &GgufFile, keep: impl Fn(usize) -> bool) -> Vec<String> {
+    file.tensor_infos()
         .iter()
         .map(|t| t.name.clone())
         .filter(|n| {
             n.strip_prefix("blk.")
                 .and_then(|r| r.split('.').next())
                 .and_then(|i| i.parse::<usize>().ok())
-                .is_some_and(|i| i >= first)
+                .is_some_and(&keep)
         })
-        .collect();
+        .collect()
+}
+
+/// The tensors a GPU takes with `-ngl n`, as llama.cpp offloads them: the last `n` blocks, and the output
+/// layer too once `n` exceeds the block count.
+pub fn offloaded_tensors(file: &GgufFile, n_gpu_layers: usize) -> Result<Vec<String>> {
+    let hp = HParams::read(file)?;
+    let first = hp.n_layer.saturating_sub(n_gpu_layers);
+    let mut names = block_tensor_names(file, |i| i >= first);
     if n_gpu_layers > hp.n_layer {
         names.extend(["output_norm.weight".to_string(), "output.weight".to_string()]);
     }
