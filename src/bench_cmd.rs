@@ -55,9 +55,6 @@ pub fn run(a: BenchArgs) -> Result<()> {
     for line in loaded.placement_summary() {
         println!("{line}");
     }
-    if let Some(split) = &loaded.split {
-        println!("{}", split.summary(&loaded.remotes));
-    }
     let row = |name: &str, value: String| println!("{name:<28} {value}");
     row("load", format!("{load_ms:.0} ms"));
     let reps = |f: &mut dyn FnMut() -> Result<f64>| -> Result<f64> {

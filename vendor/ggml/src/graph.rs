@@ -113,12 +113,7 @@ impl<'w> KeptGraph<'w> {
 
     /// The graph's tensor (node or leaf) named `name`.
     pub fn tensor(&self, name: &str) -> Option<Tensor<'_>> {
-        let c = CString::new(name).ok()?;
-        // SAFETY: a valid graph and a NUL-terminated name; ggml returns null when no tensor has the name.
-        let t = unsafe { sys::ggml_graph_get_tensor(self.raw.as_ptr(), c.as_ptr()) };
-        // SAFETY: a non-null result is a tensor of this graph: in `ctx`, in a kept context or of lifetime 'w, all
-        // of which outlive the borrow of self.
-        (!t.is_null()).then(|| unsafe { Tensor::from_raw(t) })
+        self.graph().tensor(name)
     }
 
     /// The contexts kept alive with the graph.

@@ -257,9 +257,6 @@ pub(crate) fn run(
     // names it (a buffer type is never freed), and a connection refused or never answered would abort or hang it.
     // Once the link is gone, the server connection is closed and the relay answers every command itself.
     for client in listener.incoming() {
-        if state.closing.load(Ordering::Acquire) {
-            server.close("the link to the server was closed");
-        }
         let Ok(client) = client else {
             // (Out of file descriptors, say: wait instead of spinning.)
             std::thread::sleep(Duration::from_millis(100));
