@@ -230,6 +230,9 @@ fn unreachable_and_foreign_servers_are_clear_errors() {
         Reply(Vec<u8>),
         HangUp,
         Silent,
+        /// A protocol-7.0 server (handshake right) whose later replies all hold this value, in replies of the
+        /// right size or (true) of a wrong one.
+        Lies(u64, bool),
     }
     let fake = |how: Fake| {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -247,6 +250,37 @@ fn unreachable_and_foreign_servers_are_clear_errors() {
                     }
                     Fake::HangUp => drop(s),
                     Fake::Silent => held.push(s),
+                    Fake::Lies(value, wrong_size) => {
+                        let mut hello = 28u64.to_le_bytes().to_vec();
+                        hello.extend_from_slice(&[7, 0, 0, 0]);
+                        hello.extend_from_slice(&[0; 24]);
+                        let _ = s.write_all(&hello);
+                        // Every command read whole; DEVICE_COUNT told 1, every other command that has a reply
+                        // (protocol 7.0's sizes) told the value.
+                        loop {
+                            let mut head = [0u8; 9];
+                            if s.read_exact(&mut head).is_err() {
+                                break;
+                            }
+                            let mut body = vec![0u8; u64::from_le_bytes(head[1..].try_into().unwrap()) as usize];
+                            let _ = s.read_exact(&mut body);
+                            let size: usize = match head[0] {
+                                15 => {
+                                    let _ = s.write_all(&[&4u64.to_le_bytes()[..], &1u32.to_le_bytes()].concat());
+                                    continue;
+                                }
+                                0 | 11 => 16,
+                                1..=3 | 13 => 8,
+                                7 | 9 => 1,
+                                8 => u64::from_le_bytes(body[body.len() - 8..].try_into().unwrap()) as usize,
+                                _ => continue,
+                            };
+                            let size = if *wrong_size { size + 1 } else { size };
+                            let mut reply = (size as u64).to_le_bytes().to_vec();
+                            reply.extend((0..size).map(|i| value.to_le_bytes()[i % 8]));
+                            let _ = s.write_all(&reply);
+                        }
+                    }
                 }
             }
         });
@@ -263,6 +297,12 @@ fn unreachable_and_foreign_servers_are_clear_errors() {
     fail(&format!("127.0.0.1:{p}"), "not an RPC server of protocol 7.0.0");
     let p = fake(Fake::Silent);
     fail(&format!("127.0.0.1:{p}"), "no answer to the RPC handshake within 10 s");
+    // Past the handshake, a reply of the wrong size (the memory query wants 16 bytes), and a value ggml would trip
+    // over (an alignment of 3): the server counts as failed, the client neither crashes nor hangs.
+    let p = fake(Fake::Lies(0, true));
+    fail(&format!("127.0.0.1:{p}"), "the server sent a reply of 17 bytes to GET_DEVICE_MEMORY, expected 16");
+    let p = fake(Fake::Lies(3, false));
+    fail(&format!("127.0.0.1:{p}"), "the server sent an alignment of 3 in reply to GET_ALIGNMENT");
 
     // Shares that do not match the devices.
     let a = RpcServer::start();
