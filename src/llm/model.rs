@@ -169,6 +169,9 @@ impl LlamaModel<'_> {
         let rope = RopeParams::plain(hd, RopeMode::Normal, hp.rope_base, hp.n_ctx_train);
         let kq_scale = 1.0 / (hd as f32).sqrt();
         let n_out = inp.out_ids.ne()[0];
+        // Matrix products go through `mul_mat_few`: ggml's `mul_mat`, except that a beam step's few rows times a
+        // Q6_K weight (the output layer, half the `attn_v`/`ffn_down` of the Q4_K_M mix) unpack each weight block
+        // once for all rows instead of once per row, with ggml's results bit for bit.
 
         let mut x = match (inp.tokens, inp.embeddings) {
             (Some(ids), _) => ctx.get_rows(self.tok_embd, ids).named("inp_embd"),
@@ -181,9 +184,9 @@ impl LlamaModel<'_> {
             let cur = ctx.mul(ctx.rms_norm(x, hp.rms_eps).named(&name("norm")), l.attn_norm).named(&name("attn_norm"));
 
             // Self-attention.
-            let q = ctx.reshape(ctx.mul_mat(l.wq, cur), &[hd, nh, n_tokens]).named(&name("Qcur"));
-            let k = ctx.reshape(ctx.mul_mat(l.wk, cur), &[hd, nkv, n_tokens]).named(&name("Kcur"));
-            let v = ctx.mul_mat(l.wv, cur).named(&name("Vcur"));
+            let q = ctx.reshape(ctx.mul_mat_few(l.wq, cur), &[hd, nh, n_tokens]).named(&name("Qcur"));
+            let k = ctx.reshape(ctx.mul_mat_few(l.wk, cur), &[hd, nkv, n_tokens]).named(&name("Kcur"));
+            let v = ctx.mul_mat_few(l.wv, cur).named(&name("Vcur"));
             let q = ctx.rope_ext(q, inp.pos, rope).named(&name("Qcur_rope"));
             let k = ctx.rope_ext(k, inp.pos, rope).named(&name("Kcur_rope"));
             // Store the new K/V rows in their cache cells before the attention reads the cache.
@@ -197,7 +200,7 @@ impl LlamaModel<'_> {
             let qp = ctx.permute(q, [0, 2, 1, 3]); // [hd, n_tokens, n_head]
             let attn = ctx.flash_attn_ext(qp, kv_view(cache.k[il]), kv_view(cache.v[il]), Some(inp.mask), kq_scale);
             let attn = ctx.reshape(attn, &[hd * nh, n_tokens]).named(&name("kqv_out"));
-            let mut cur = ctx.mul_mat(l.wo, attn).named(&name("attn_out"));
+            let mut cur = ctx.mul_mat_few(l.wo, attn).named(&name("attn_out"));
             let mut inp_sa = inp_sa;
             if il + 1 == self.layers.len() && n_out < n_tokens {
                 // Past the last attention only the rows whose logits are wanted go on (llama.cpp's inp_out_ids):
@@ -209,9 +212,9 @@ impl LlamaModel<'_> {
 
             // SwiGLU feed-forward.
             let cur = ctx.mul(ctx.rms_norm(ffn_inp, hp.rms_eps), l.ffn_norm).named(&name("ffn_norm"));
-            let gate = ctx.mul_mat(l.ffn_gate, cur).named(&name("ffn_gate"));
-            let up = ctx.mul_mat(l.ffn_up, cur).named(&name("ffn_up"));
-            let cur = ctx.mul_mat(l.ffn_down, ctx.swiglu_split(gate, up)).named(&name("ffn_out"));
+            let gate = ctx.mul_mat_few(l.ffn_gate, cur).named(&name("ffn_gate"));
+            let up = ctx.mul_mat_few(l.ffn_up, cur).named(&name("ffn_up"));
+            let cur = ctx.mul_mat_few(l.ffn_down, ctx.swiglu_split(gate, up)).named(&name("ffn_out"));
             x = ctx.add(cur, ffn_inp).named(&name("l_out"));
         }
         let x = match self.layers.is_empty() && n_out < n_tokens {
@@ -219,7 +222,7 @@ impl LlamaModel<'_> {
             false => x,
         };
         let x = ctx.mul(ctx.rms_norm(x, hp.rms_eps), self.output_norm).named("result_norm");
-        let logits = ctx.mul_mat(self.output, x).named("result_output").set_output();
+        let logits = ctx.mul_mat_few(self.output, x).named("result_output").set_output();
         gf.build_forward_expand(logits);
         logits
     }
