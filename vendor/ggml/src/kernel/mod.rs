@@ -1,7 +1,7 @@
 //! asagi-gguf's own CPU kernels, run inside ggml graphs as custom ops, only for shapes where a profile showed
 //! ggml's kernels leave a clear margin, and only where they give ggml's results bit for bit.
 //!
-//! `Context::mul_mat_few` is ggml's `mul_mat` but for a Q6_K weight in CPU memory times 2 to 8 activation rows
+//! `Context::mul_mat_few` is ggml's `mul_mat` but for a Q6_K weight in CPU memory times 2 to 7 activation rows
 //! on an AVX2 CPU: a beam step's or a small batch's matrix products (see `q6_k_avx2`).
 
 #[cfg(target_arch = "x86_64")]
@@ -9,8 +9,9 @@ mod q6_k_avx2;
 
 use crate::{sys, Context, Tensor, Type};
 
-/// The most activation rows the multi-row kernel takes; from 8 rows on ggml has a tiled K-quant kernel.
-pub const MAX_ROWS: usize = 8;
+/// The most activation rows the multi-row kernel takes: from 8 rows on ggml runs its tiled K-quant kernel, which
+/// sums in another order (so the results would no longer be the 1-row kernel's).
+pub const MAX_ROWS: usize = 7;
 
 impl Context {
     /// `w · x` as `mul_mat`: through asagi-gguf's multi-row kernel when `w` is Q6_K in CPU memory, `x` is 2 to
@@ -69,7 +70,8 @@ fn in_cpu_memory(t: Tensor<'_>) -> bool {
         return false;
     }
     // SAFETY: a live tensor's buffer (non-null, checked) and its type's static name string.
-    let name = unsafe { std::ffi::CStr::from_ptr(sys::ggml_backend_buft_name(sys::ggml_backend_buffer_get_type(buffer))) };
+    let name =
+        unsafe { std::ffi::CStr::from_ptr(sys::ggml_backend_buft_name(sys::ggml_backend_buffer_get_type(buffer))) };
     matches!(name.to_bytes(), b"CPU" | b"CPU_Mapped")
 }
 
@@ -139,8 +141,7 @@ unsafe extern "C" fn q6_k_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _
             4 => run!(4),
             5 => run!(5),
             6 => run!(6),
-            7 => run!(7),
-            _ => run!(8),
+            _ => run!(7),
         }
     });
 }

@@ -1,4 +1,4 @@
-//! Q6_K weights times 2 to 8 rows of Q8_K activations, AVX2: each weight block is unpacked once for all rows.
+//! Q6_K weights times 2 to 7 rows of Q8_K activations, AVX2: each weight block is unpacked once for all rows.
 //!
 //! ggml multiplies a Q6_K matrix by a few activation rows one (weight row, activation row) pair at a time
 //! (`ggml_vec_dot_q6_K_q8_K`, no multi-row x86 kernel below its tiled path's 8 rows), so a 5-row beam step unpacks
@@ -84,9 +84,12 @@ pub unsafe fn dot_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const u8;
             for r in 0..R {
                 let q8 = ys[r].add(i * Q8_K_BLOCK + Q8_K_QS + 128 * j);
                 let p16_0 = _mm256_madd_epi16(scale_0, _mm256_maddubs_epi16(q4_0, _mm256_loadu_si256(q8.cast())));
-                let p16_1 = _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q4_1, _mm256_loadu_si256(q8.add(32).cast())));
-                let p16_2 = _mm256_madd_epi16(scale_2, _mm256_maddubs_epi16(q4_2, _mm256_loadu_si256(q8.add(64).cast())));
-                let p16_3 = _mm256_madd_epi16(scale_3, _mm256_maddubs_epi16(q4_3, _mm256_loadu_si256(q8.add(96).cast())));
+                let p16_1 =
+                    _mm256_madd_epi16(scale_1, _mm256_maddubs_epi16(q4_1, _mm256_loadu_si256(q8.add(32).cast())));
+                let p16_2 =
+                    _mm256_madd_epi16(scale_2, _mm256_maddubs_epi16(q4_2, _mm256_loadu_si256(q8.add(64).cast())));
+                let p16_3 =
+                    _mm256_madd_epi16(scale_3, _mm256_maddubs_epi16(q4_3, _mm256_loadu_si256(q8.add(96).cast())));
                 sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16_0, p16_1));
                 sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(p16_2, p16_3));
             }
