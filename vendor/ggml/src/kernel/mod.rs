@@ -21,28 +21,33 @@ impl Context {
         if !multi_row_kernel_takes(w, x) {
             return self.mul_mat(w, x);
         }
-        #[cfg(target_arch = "x86_64")]
-        {
-            let mut args = [w.as_ptr(), x.as_ptr()];
-            // SAFETY: both tensors are live (their contexts outlive 'a); ggml copies the two source pointers into
-            // the new node and calls `q6_k_rows` with it on the CPU backend's threads. n_tasks -1: every thread.
-            unsafe {
-                Tensor::from_raw(sys::ggml_custom_4d(
-                    self.as_ptr(),
-                    sys::GGML_TYPE_F32,
-                    w.ne()[1] as i64,
-                    x.ne()[1] as i64,
-                    1,
-                    1,
-                    args.as_mut_ptr(),
-                    2,
-                    Some(q6_k_rows),
-                    sys::GGML_N_TASKS_MAX,
-                    std::ptr::null_mut(),
-                ))
-            }
+        self.q6_k_rows_node(w, x)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn q6_k_rows_node<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        let mut args = [w.as_ptr(), x.as_ptr()];
+        // SAFETY: both tensors are live (their contexts outlive 'a); ggml copies the two source pointers into the
+        // new node and calls `q6_k_rows` with it on the CPU backend's threads. n_tasks -1: every thread.
+        unsafe {
+            Tensor::from_raw(sys::ggml_custom_4d(
+                self.as_ptr(),
+                sys::GGML_TYPE_F32,
+                w.ne()[1] as i64,
+                x.ne()[1] as i64,
+                1,
+                1,
+                args.as_mut_ptr(),
+                2,
+                Some(q6_k_rows),
+                sys::GGML_N_TASKS_MAX,
+                std::ptr::null_mut(),
+            ))
         }
-        #[cfg(not(target_arch = "x86_64"))]
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    fn q6_k_rows_node<'a>(&'a self, _: Tensor<'a>, _: Tensor<'a>) -> Tensor<'a> {
         unreachable!("multi_row_kernel_takes is false off x86-64")
     }
 }
@@ -77,14 +82,15 @@ fn in_cpu_memory(t: Tensor<'_>) -> bool {
 
 /// The kernel's instructions are available, and ggml's own Q6_K dot product is its AVX2 one (so the results
 /// agree bit for bit).
+#[cfg(target_arch = "x86_64")]
 fn cpu_has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // SAFETY: feature probes without arguments (what ggml was compiled for).
-        let ggml_avx2 = unsafe { sys::ggml_cpu_has_avx2() != 0 && sys::ggml_cpu_has_fma() != 0 };
-        ggml_avx2 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
+    // SAFETY: feature probes without arguments (what ggml was compiled for).
+    let ggml_avx2 = unsafe { sys::ggml_cpu_has_avx2() != 0 && sys::ggml_cpu_has_fma() != 0 };
+    ggml_avx2 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn cpu_has_avx2_fma() -> bool {
     false
 }
 
