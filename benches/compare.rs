@@ -127,6 +127,9 @@ fn model_args(a: &Args) -> ModelArgs {
 
 // ---- llama.cpp ----
 
+/// Row counts of the `batch` rows (llama.cpp's context holds as many sequences).
+const BATCH_ROWS: &[usize] = &[1, 2, 3, 4, 5, 6, 7, 8];
+
 fn peer_context<'m>(
     backend: &LlamaBackend,
     model: &'m PeerModel,
@@ -175,16 +178,18 @@ fn peer_tg(ctx: &mut LlamaContext<'_>, ctx_len: usize, n: usize, n_vocab: usize)
 }
 
 /// Milliseconds per step of a batch of 5 sequences sharing a `ctx_len` prompt (the model part of a beam step).
-fn peer_batch5(ctx: &mut LlamaContext<'_>, ctx_len: usize, n: usize, n_vocab: usize) -> f64 {
+/// llama.cpp's decode step of `rows` sequences (ms, mean over `n` steps) after a `ctx_len`-token prefill copied to
+/// each: what `bench::batch_step_ms` measures on our side.
+fn peer_batch(ctx: &mut LlamaContext<'_>, ctx_len: usize, n: usize, n_vocab: usize, rows: usize) -> f64 {
     peer_prefill(ctx, &bench::tokens(ctx_len, n_vocab));
-    for s in 1..5 {
+    for s in 1..rows as i32 {
         ctx.copy_kv_cache_seq(0, s, None, None).unwrap();
     }
-    let mut batch = LlamaBatch::new(5, 5);
+    let mut batch = LlamaBatch::new(rows, rows as i32);
     let t = Instant::now();
     for i in 0..n {
         batch.clear();
-        for s in 0..5 {
+        for s in 0..rows as i32 {
             batch.add(LlamaToken(400 + s), (ctx_len + i) as i32, &[s], true).unwrap();
         }
         ctx.decode(&mut batch).unwrap();
@@ -370,7 +375,7 @@ fn main() {
     let t = Instant::now();
     let peer_model = PeerModel::load_from_file(&backend_peer, &a.model, &LlamaModelParams::default()).unwrap();
     let load_peer = t.elapsed().as_secs_f64() * 1e3;
-    let mut pctx = peer_context(&backend_peer, &peer_model, &a, n_ctx, 5);
+    let mut pctx = peer_context(&backend_peer, &peer_model, &a, n_ctx, BATCH_ROWS.len() as u32);
 
     println!(
         "model {}{}{}  threads {}  reps {}  ggml {}  CPU {}",
@@ -474,7 +479,7 @@ fn main() {
         };
         let med = |f: fn(&bench::BeamSteps) -> f64| Spread::of(steps.iter().map(f).collect());
         let peer5 = match peer {
-            true => (0..a.reps).map(|_| peer_batch5(&mut pctx, 64, a.beam_steps, n_vocab)).collect(),
+            true => (0..a.reps).map(|_| peer_batch(&mut pctx, 64, a.beam_steps, n_vocab, 5)).collect(),
             false => Vec::new(),
         };
         let (greedy, beam) = (med(|x| x.greedy_ms), med(|x| x.beam_ms));
@@ -487,19 +492,16 @@ fn main() {
         );
     }
 
-    if a.row("batch") && ours {
-        // How a decode step's cost grows with its rows (beams): ggml's repacked kernels take rows 4 at a time,
-        // its tiled K-quant kernels from 8 rows on.
-        let cost: Vec<String> = [1, 2, 4, 5, 6, 8]
-            .iter()
-            .map(|&n| {
-                let t = Spread::of(
-                    (0..a.reps).map(|_| bench::batch_step_ms(&mut s, 64, n, a.beam_steps).unwrap()).collect(),
-                );
-                format!("{n} rows {t} ms")
-            })
-            .collect();
-        println!("decode step by rows (ours): {}", cost.join(", "));
+    if a.row("batch") {
+        // How a decode step's cost grows with its rows (beams, sequences), both sides alternating: ggml's repacked
+        // kernels take rows 4 at a time and the rest one by one, its tiled K-quant kernels from 8 rows on; ours
+        // take 2 to 7 rows at once.
+        for &n in BATCH_ROWS {
+            let step = pair(&mut || bench::batch_step_ms(&mut s, 64, n, a.beam_steps).unwrap(), &mut || {
+                peer_batch(&mut pctx, 64, a.beam_steps, n_vocab, n)
+            });
+            row(&format!("decode step of {n} rows ms"), step);
+        }
     }
 
     if a.mmproj.is_some() && a.row("rss") {

@@ -108,62 +108,86 @@ fn quantize_refuses_bad_shapes_and_missing_imatrix() {
     assert!(ggml::quantize(Type::IQ2XXS, &[0.5; 256], 256, Some(&imatrix)).is_ok());
 }
 
-/// `mul_mat_few` (asagi-gguf's multi-row Q6_K kernel for 2 to 7 activation rows, x86-64 with AVX2) against
-/// ggml's `mul_mat` on the same weights: equal bit for bit for every row count from 1 to 9 (1 is ggml's one-row
-/// path, 8 and 9 its tiled kernel), row lengths of 1, 3 and 32 blocks (the 4B model's 3072 and
+/// `mul_mat_few` (asagi-gguf's multi-row kernels for 2 to 7 activation rows, x86-64 with AVX2: Q6_K in CPU memory,
+/// Q4_0 and Q4_K repacked by ggml) against ggml's `mul_mat` on the same weights: equal bit for bit for every row
+/// count from 1 to 9 (1 is ggml's one-row path; 4 and 8 its repacked 4-row kernel, 5-7 that kernel plus one-row
+/// products; 8 and 9 its tiled Q6_K kernel), row lengths of 1, 3 and 32 blocks of 256 (the 4B model's 3072 and
 /// 8192), weight-row counts that do not split evenly over the threads, and 1 to 3 threads. A layout or order
 /// mistake would differ in most outputs; a wrong block or row offset by ~1 relative.
 #[test]
-fn multi_row_q6_k_kernel_equals_ggml_bit_for_bit() {
+fn multi_row_kernels_equal_ggml_bit_for_bit() {
+    use ggml::{BufferType, MultiRowKernel};
     let (mut rng, seed) = common::rng();
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    eprintln!("multi-row kernels on this CPU: {avx2} ({})", ggml::cpu_features());
+    let repack = BufferType::cpu_extra().into_iter().find(|b| b.name() == "CPU_REPACK");
+    // (weight type, buffer type: None a plain CPU buffer, the kernel expected on an AVX2 CPU).
+    let mut cases = vec![(Type::Q6K, None, Some(MultiRowKernel::Q6K)), (Type::Q4K, None, None)];
+    for ty in [Type::Q4_0, Type::Q4K] {
+        // ggml repacks these on x86-64 with AVX2 (and on ARM, where our kernels are not built).
+        let probe = Context::new(1, 0).unwrap();
+        if let Some(buft) = repack.filter(|b| b.supports_mul_mat(probe.new_tensor(ty, &[256, 8]))) {
+            cases.push((ty, Some(buft), Some(MultiRowKernel::Repacked8)));
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    assert!(!avx2 || cases.len() == 4, "ggml repacks Q4_0 and Q4_K on an AVX2 CPU");
+
+    // It never takes a weight with no data, 1 row or 8.
     let probe = Context::new(2, 0).unwrap();
     let probe_backend = Backend::cpu(1).unwrap();
     let (pw, px) = (probe.new_tensor(Type::Q6K, &[256, 8]), probe.new_tensor(Type::F32, &[256, 5]));
     probe.alloc_tensors(&probe_backend).unwrap();
-    let takes = ggml::multi_row_kernel_takes(pw, px);
-    eprintln!("multi-row Q6_K kernel on this CPU: {takes} ({})", ggml::cpu_features());
-    #[cfg(target_arch = "x86_64")]
-    assert_eq!(takes, std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"));
-    // It never takes a weight with no CPU data, 1 row or 8.
     let ctx = Context::new(4, 0).unwrap();
     assert!(!ggml::multi_row_kernel_takes(ctx.new_tensor(Type::Q6K, &[256, 8]), px), "unallocated weight");
     assert!(!ggml::multi_row_kernel_takes(pw, ctx.new_tensor(Type::F32, &[256, 1])));
     assert!(!ggml::multi_row_kernel_takes(pw, ctx.new_tensor(Type::F32, &[256, 8])));
 
-    for threads in 1..=3 {
-        let backend = Backend::cpu(threads).unwrap();
-        for (k, n) in [(256, 37), (768, 64), (3072, 21), (8192, 11)] {
-            let weights = Context::new(1, 0).unwrap();
-            let wt = weights.new_tensor(Type::Q6K, &[k, n]);
-            weights.alloc_tensors(&backend).unwrap();
-            weights.write(wt, &ggml::quantize(Type::Q6K, &common::uniform(&mut rng, k * n), k, None).unwrap()).unwrap();
-            for m in 1..=9 {
-                let x = common::uniform(&mut rng, k * m);
-                let ctx = Context::new(8, 16).unwrap();
-                let xt = ctx.new_tensor(Type::F32, &[k, m]).named("x").set_input();
-                assert_eq!(ggml::multi_row_kernel_takes(wt, xt), takes && (2..=7).contains(&m));
-                let plain = ctx.mul_mat(wt, xt).named("plain").set_output();
-                let few = ctx.mul_mat_few(wt, xt).named("few").set_output();
-                let mut gf = ctx.new_graph(16);
-                gf.build_forward_expand(plain);
-                gf.build_forward_expand(few);
-                let mut sched = ggml::Scheduler::new(&[&backend], 16).unwrap();
-                sched.alloc(&gf).unwrap();
-                sched.write(xt, &x).unwrap();
-                sched.compute(&gf).unwrap();
-                let (a, b) = (sched.read::<f32>(plain).unwrap(), sched.read::<f32>(few).unwrap());
-                assert_eq!(a.len(), n * m);
-                // From 8 rows ggml's tiled kernel sums in its own order: ours is not used there.
-                let differ: Vec<_> =
-                    a.iter().zip(&b).enumerate().filter(|(_, (p, q))| p.to_bits() != q.to_bits()).collect();
-                assert!(
-                    differ.is_empty(),
-                    "k={k} n={n} rows={m} threads={threads}: {} of {} outputs differ, first (index, (ggml, ours)) {:?}; \
-                     seed {seed}",
-                    differ.len(),
-                    a.len(),
-                    differ[0],
-                );
+    for (ty, buft, kernel) in cases {
+        let expected = kernel.filter(|_| avx2);
+        for threads in 1..=3 {
+            let backend = Backend::cpu(threads).unwrap();
+            // Weight rows: a multiple of 8 for the repacked layouts (ggml repacks no other).
+            for (k, n) in [(256, 40), (768, 64), (3072, 24), (8192, 16)] {
+                let n = if buft.is_some() { n } else { n - 3 };
+                let weights = Context::new(1, 0).unwrap();
+                let wt = weights.new_tensor(ty, &[k, n]);
+                match buft {
+                    Some(buft) => weights.alloc_tensors_in(buft).unwrap(),
+                    None => weights.alloc_tensors(&backend).unwrap(),
+                }
+                weights.write(wt, &ggml::quantize(ty, &common::uniform(&mut rng, k * n), k, None).unwrap()).unwrap();
+                for m in 1..=9 {
+                    let x = common::uniform(&mut rng, k * m);
+                    let ctx = Context::new(8, 16).unwrap();
+                    let xt = ctx.new_tensor(Type::F32, &[k, m]).named("x").set_input();
+                    let takes = if (2..=7).contains(&m) { expected } else { None };
+                    assert_eq!(ggml::multi_row_kernel(wt, xt), takes, "{ty} rows={m}");
+                    let plain = ctx.mul_mat(wt, xt).named("plain").set_output();
+                    let few = ctx.mul_mat_few(wt, xt).named("few").set_output();
+                    let mut gf = ctx.new_graph(16);
+                    gf.build_forward_expand(plain);
+                    gf.build_forward_expand(few);
+                    let mut sched = ggml::Scheduler::new(&[&backend], 16).unwrap();
+                    sched.alloc(&gf).unwrap();
+                    sched.write(xt, &x).unwrap();
+                    sched.compute(&gf).unwrap();
+                    let (a, b) = (sched.read::<f32>(plain).unwrap(), sched.read::<f32>(few).unwrap());
+                    assert_eq!(a.len(), n * m);
+                    let differ: Vec<_> =
+                        a.iter().zip(&b).enumerate().filter(|(_, (p, q))| p.to_bits() != q.to_bits()).collect();
+                    assert!(
+                        differ.is_empty(),
+                        "{ty} k={k} n={n} rows={m} threads={threads}: {} of {} outputs differ, first (index, (ggml, \
+                         ours)) {:?}; seed {seed}",
+                        differ.len(),
+                        a.len(),
+                        differ[0],
+                    );
+                }
             }
         }
     }

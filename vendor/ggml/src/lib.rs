@@ -30,7 +30,7 @@ pub use backend::{devices, Backend, Device, DeviceKind};
 pub use buffer::{Buffer, BufferType};
 pub use context::Context;
 pub use graph::{Graph, KeptGraph, Within};
-pub use kernel::{multi_row_kernel_takes, MAX_ROWS as MULTI_ROW_KERNEL_MAX_ROWS};
+pub use kernel::{multi_row_kernel, multi_row_kernel_takes, MultiRowKernel, MAX_ROWS as MULTI_ROW_KERNEL_MAX_ROWS};
 pub use log::log_to_stderr;
 pub use map_guard::FileWatch;
 pub use mmap::{page_size, MappedFile};

@@ -1,34 +1,60 @@
 //! asagi-gguf's own CPU kernels, run inside ggml graphs as custom ops, only for shapes where a profile showed
 //! ggml's kernels leave a clear margin, and only where they give ggml's results bit for bit.
 //!
-//! `Context::mul_mat_few` is ggml's `mul_mat` but for a Q6_K weight in CPU memory times 2 to 7 activation rows
-//! on an AVX2 CPU: a beam step's or a small batch's matrix products (see `q6_k_avx2`).
+//! `Context::mul_mat_few` is ggml's `mul_mat` but for 2 to 7 activation rows (a beam step's or a small batch's
+//! matrix products) on an AVX2 CPU, where ggml unpacks every weight once per row or per row left over after its
+//! 4-row kernel: a Q6_K weight in CPU memory (`q6_k_avx2`), or a Q4_0 / Q4_K weight that ggml repacked for its
+//! interleaved kernels (`q4_x8_avx2`).
 
+#[cfg(target_arch = "x86_64")]
+mod q4_x8_avx2;
 #[cfg(target_arch = "x86_64")]
 mod q6_k_avx2;
 
 use crate::{sys, Context, Tensor, Type};
 
-/// The most activation rows the multi-row kernel takes: from 8 rows on ggml runs its tiled K-quant kernel, which
-/// sums in another order (so the results would no longer be the 1-row kernel's).
+/// The most activation rows the multi-row kernels take: from 8 rows on ggml runs its tiled Q6_K kernel, which
+/// sums in another order (so the results would no longer be the 1-row kernel's), and its repacked 4-row kernel
+/// twice over, which leaves no unpacking to save.
 pub const MAX_ROWS: usize = 7;
 
+/// `block_q8_K` (ggml-common.h), the activations' type for K-quant weights: `d` f32, `qs[256]` i8 at 4, `bsums[16]`
+/// i16 at 260 (sums of 16 values each).
+const Q8_K_BLOCK: usize = 292;
+const Q8_K_QS: usize = 4;
+const Q8_K_BSUMS: usize = 260;
+
+/// Which of asagi-gguf's kernels `mul_mat_few` runs for a weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MultiRowKernel {
+    /// Q6_K in a plain CPU buffer (allocated, or a mapped file).
+    Q6K,
+    /// Q4_0 or Q4_K repacked by ggml's CPU_REPACK buffer into blocks of eight interleaved rows.
+    Repacked8,
+}
+
 impl Context {
-    /// `w · x` as `mul_mat`: through asagi-gguf's multi-row kernel when `w` is Q6_K in CPU memory, `x` is 2 to
-    /// `MAX_ROWS` contiguous F32 rows and the CPU has AVX2 and FMA (the results are ggml's, bit for bit); through
-    /// ggml otherwise.
+    /// `w · x` as `mul_mat`: through asagi-gguf's multi-row kernels when `multi_row_kernel` names one (the results
+    /// are ggml's, bit for bit); through ggml otherwise.
     pub fn mul_mat_few<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
-        if !multi_row_kernel_takes(w, x) {
-            return self.mul_mat(w, x);
+        match multi_row_kernel(w, x) {
+            None => self.mul_mat(w, x),
+            Some(kernel) => self.rows_node(kernel, w, x),
         }
-        self.q6_k_rows_node(w, x)
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn q6_k_rows_node<'a>(&'a self, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
-        let mut args = [w.as_ptr(), x.as_ptr()];
-        // SAFETY: both tensors are live (their contexts outlive 'a); ggml copies the two source pointers into the
-        // new node and calls `q6_k_rows` with it on the CPU backend's threads. n_tasks -1: every thread.
+    fn rows_node<'a>(&'a self, kernel: MultiRowKernel, w: Tensor<'a>, x: Tensor<'a>) -> Tensor<'a> {
+        // A repacked weight is not a source of the node but its `userdata`: ggml's CPU backend refuses every op
+        // but MUL_MAT on a CPU_REPACK source (`supports_op`), so the scheduler would find no backend for it. The
+        // weight is a leaf that nothing computes, so the graph loses no dependency by not naming it.
+        let (mut args, n_args, userdata) = match kernel {
+            MultiRowKernel::Q6K => ([w.as_ptr(), x.as_ptr()], 2, std::ptr::null_mut()),
+            MultiRowKernel::Repacked8 => ([x.as_ptr(), std::ptr::null_mut()], 1, w.as_ptr().cast()),
+        };
+        // SAFETY: the tensors are live (their contexts outlive 'a, and the weight, named by `userdata`, lives in
+        // the model, which outlives every graph built from it); ggml copies the source pointers into the new node
+        // and calls `rows_op` with it and `userdata` on the CPU backend's threads. n_tasks -1: every thread.
         unsafe {
             Tensor::from_raw(sys::ggml_custom_4d(
                 self.as_ptr(),
@@ -38,46 +64,66 @@ impl Context {
                 1,
                 1,
                 args.as_mut_ptr(),
-                2,
-                Some(q6_k_rows),
+                n_args,
+                Some(rows_op),
                 sys::GGML_N_TASKS_MAX,
-                std::ptr::null_mut(),
+                userdata,
             ))
         }
     }
 
     #[cfg(not(target_arch = "x86_64"))]
-    fn q6_k_rows_node<'a>(&'a self, _: Tensor<'a>, _: Tensor<'a>) -> Tensor<'a> {
-        unreachable!("multi_row_kernel_takes is false off x86-64")
+    fn rows_node<'a>(&'a self, _: MultiRowKernel, _: Tensor<'a>, _: Tensor<'a>) -> Tensor<'a> {
+        unreachable!("multi_row_kernel is None off x86-64")
     }
 }
 
-/// Whether `mul_mat_few(w, x)` runs the multi-row kernel.
+/// Whether `mul_mat_few(w, x)` runs one of the multi-row kernels.
 pub fn multi_row_kernel_takes(w: Tensor<'_>, x: Tensor<'_>) -> bool {
+    multi_row_kernel(w, x).is_some()
+}
+
+/// The kernel `mul_mat_few(w, x)` runs, if any.
+pub fn multi_row_kernel(w: Tensor<'_>, x: Tensor<'_>) -> Option<MultiRowKernel> {
     let rows = x.ne()[1];
-    w.ty() == Type::Q6K
-        && x.ty() == Type::F32
+    let shapes = x.ty() == Type::F32
         && (2..=MAX_ROWS).contains(&rows)
         && w.ne()[2..] == [1, 1]
         && x.ne()[2..] == [1, 1]
         && w.is_contiguous()
         && x.nb()[0] == 4
-        && x.ne()[0] == w.ne()[0]
-        && in_cpu_memory(w)
-        && cpu_has_avx2_fma()
+        && x.ne()[0] == w.ne()[0];
+    if !shapes || !cpu_has_avx2_fma() {
+        return None;
+    }
+    match (w.ty(), buffer_name(w)?.as_str()) {
+        (Type::Q6K, "CPU" | "CPU_Mapped") => Some(MultiRowKernel::Q6K),
+        (Type::Q4_0 | Type::Q4K, "CPU_REPACK") if repacked_8x8(w) => Some(MultiRowKernel::Repacked8),
+        _ => None,
+    }
 }
 
-/// True when `t`'s data is in a plain CPU buffer (allocated, or a mapped file), where the CPU backend computes and
-/// a custom op may read it; not a GPU's, an RPC server's or the CPU repack buffer's (another layout).
-fn in_cpu_memory(t: Tensor<'_>) -> bool {
+/// The name of the buffer type holding `t`'s data (where the CPU backend computes on "CPU", "CPU_Mapped" and
+/// "CPU_REPACK"; a GPU's or an RPC server's otherwise); None when it has no data.
+fn buffer_name(t: Tensor<'_>) -> Option<String> {
     let buffer = t.raw_buffer();
     if buffer.is_null() || t.data_ptr().is_null() {
-        return false;
+        return None;
     }
     // SAFETY: a live tensor's buffer (non-null, checked) and its type's static name string.
     let name =
         unsafe { std::ffi::CStr::from_ptr(sys::ggml_backend_buft_name(sys::ggml_backend_buffer_get_type(buffer))) };
-    matches!(name.to_bytes(), b"CPU" | b"CPU_Mapped")
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// A Q4_0 / Q4_K weight in the CPU_REPACK buffer is in ggml's 8-row interleaved layout when ggml gave it repack
+/// traits (`extra`, set as it was placed) and it has a multiple of 8 rows: on x86-64 ggml's only layouts for these
+/// types are `q4_0_8x8` and `q4_K_8x8`, chosen exactly then (repack.cpp, `ggml_repack_get_optimal_repack_type`,
+/// whose other branches need ARM or RISC-V). `tests/ggml_matmul.rs` compares every output with ggml's.
+fn repacked_8x8(w: Tensor<'_>) -> bool {
+    // SAFETY: reads a field of a live tensor's header.
+    let extra = unsafe { (*w.as_ptr()).extra };
+    !extra.is_null() && w.ne()[1] % 8 == 0
 }
 
 /// The kernel's instructions are available, and ggml's own Q6_K dot product is its AVX2 one (so the results
@@ -96,28 +142,29 @@ fn cpu_has_avx2_fma() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 thread_local! {
-    /// Each thread's copy of the activations in Q8_K (u32 words: ggml's blocks hold an f32 and i16s). It grows to
-    /// the largest batch seen and is reused: no allocation per step once warm.
+    /// Each thread's copy of the activations in the weight's dot-product type, Q8_K or Q8_0 (u32 words: Q8_K
+    /// blocks hold an f32 and i16s). It grows to the largest batch seen and is reused: no allocation per step
+    /// once warm.
     static Q8_ROWS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The custom op: `dst[r][i] = w[i] · x[r]`. Every thread quantizes all the rows of `x` to Q8_K (a few
-/// microseconds: there is no barrier inside a custom op to share one copy) with ggml's own quantizer, as ggml's
-/// `mul_mat` does, then computes its share of the weight rows.
+/// The custom op: `dst[r][i] = w[i] · x[r]`. Every thread quantizes all the rows of `x` to the weight's
+/// dot-product type (a few microseconds: there is no barrier inside a custom op to share one copy) with ggml's own
+/// quantizer, as ggml's `mul_mat` does for its one-row kernels, then computes its share of the weight rows.
 #[cfg(target_arch = "x86_64")]
-unsafe extern "C" fn q6_k_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
-    use q6_k_avx2::{dot_rows, Q8_K_BLOCK};
-    // SAFETY (whole function): ggml calls this with the node `mul_mat_few` made, whose sources are the Q6_K weight
-    // `w` [k, m] in CPU memory and F32 rows `x` [k, rows] with 2 <= rows <= MAX_ROWS, and `dst` [m, rows] F32,
-    // all allocated (checked by `multi_row_kernel_takes` when the node was made; ggml's scheduler allocated dst and
-    // x). k is a multiple of 256 (Q6_K rows are whole blocks). Threads write disjoint ranges of weight rows.
+unsafe extern "C" fn rows_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, userdata: *mut std::ffi::c_void) {
+    // SAFETY (whole function): ggml calls this with the node `rows_node` made: the weight `w` [k, m] is its first
+    // source (Q6_K in CPU memory) or its `userdata` (Q4_0 / Q4_K repacked, 8 | m); `x` [k, rows] F32 with
+    // 2 <= rows <= MAX_ROWS and `dst` [m, rows] F32, all allocated (checked by `multi_row_kernel` when the node
+    // was made; ggml's scheduler allocated dst and x). k is a multiple of the weight's block size. Threads write
+    // disjoint ranges of weight rows.
     let d = &*dst;
-    let (w, x) = (&*d.src[0], &*d.src[1]);
+    let (w, x) =
+        if userdata.is_null() { (&*d.src[0], &*d.src[1]) } else { (&*userdata.cast::<sys::ggml_tensor>(), &*d.src[0]) };
     let (k, m, rows) = (w.ne[0] as usize, w.ne[1] as usize, x.ne[1] as usize);
-    let nb = k / 256;
-    let row_words = nb * Q8_K_BLOCK / 4;
-    let from_float = (*sys::ggml_get_type_traits_cpu(sys::GGML_TYPE_Q8_K)).from_float;
-    let Some(from_float) = from_float else { return };
+    let q8_type = (*sys::ggml_get_type_traits_cpu(w.type_)).vec_dot_type;
+    let Some(from_float) = (*sys::ggml_get_type_traits_cpu(q8_type)).from_float else { return };
+    let row_words = sys::ggml_row_size(q8_type, k as i64).div_ceil(4);
     Q8_ROWS.with(|buf| {
         let mut buf = buf.borrow_mut();
         if buf.len() < rows * row_words {
@@ -127,16 +174,39 @@ unsafe extern "C" fn q6_k_rows(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _
             let src = x.data.cast::<u8>().add(r * x.nb[1]).cast::<f32>();
             from_float(src, buf.as_mut_ptr().add(r * row_words).cast(), k as i64);
         }
-        let (first, last) = (m * ith as usize / nth as usize, m * (ith as usize + 1) / nth as usize);
         let y = |r: usize| buf.as_ptr().add(r.min(rows - 1) * row_words).cast::<u8>();
+        // Q6_K: ranges of weight rows; repacked: of groups of 8 rows.
+        let units = if userdata.is_null() { m } else { m / 8 };
+        let range = (units * ith as usize / nth as usize)..(units * (ith as usize + 1) / nth as usize);
         macro_rules! run {
             ($r:literal) => {{
                 let ys: [*const u8; $r] = std::array::from_fn(y);
-                let mut out = [0f32; $r];
-                for i in first..last {
-                    dot_rows::<$r>(nb, w.data.cast::<u8>().add(i * w.nb[1]), &ys, &mut out);
-                    for (r, v) in out.iter().enumerate() {
-                        d.data.cast::<u8>().add(r * d.nb[1] + i * 4).cast::<f32>().write(*v);
+                let out = |r: usize, i: usize| d.data.cast::<u8>().add(r * d.nb[1] + i * 4).cast::<f32>();
+                let w_data = w.data.cast::<u8>();
+                match w.type_ {
+                    sys::GGML_TYPE_Q6_K => {
+                        let mut o = [0f32; $r];
+                        for i in range {
+                            q6_k_avx2::dot_rows::<$r>(k / 256, w_data.add(i * w.nb[1]), &ys, &mut o);
+                            for (r, v) in o.iter().enumerate() {
+                                out(r, i).write(*v);
+                            }
+                        }
+                    }
+                    ty => {
+                        // A group of 8 repacked rows takes the bytes of 8 rows.
+                        let mut o = [[0f32; 8]; $r];
+                        for g in range {
+                            let group = w_data.add(8 * g * w.nb[1]);
+                            if ty == sys::GGML_TYPE_Q4_K {
+                                q4_x8_avx2::q4_kx8_rows::<$r>(k / 256, group, &ys, &mut o);
+                            } else {
+                                q4_x8_avx2::q4_0x8_rows::<$r>(k / 32, group, &ys, &mut o);
+                            }
+                            for (r, v) in o.iter().enumerate() {
+                                std::ptr::copy_nonoverlapping(v.as_ptr(), out(r, 8 * g), 8);
+                            }
+                        }
                     }
                 }
             }};

@@ -10,16 +10,13 @@
 
 use std::arch::x86_64::*;
 
+use super::{Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
+
 /// `block_q6_K`: `ql[128]` low 4 bits, `qh[64]` high 2 bits, `scales[16]` i8, `d` f16 (ggml-common.h).
 const Q6_K_BLOCK: usize = 210;
 const Q6_K_QH: usize = 128;
 const Q6_K_SCALES: usize = 192;
 const Q6_K_D: usize = 208;
-
-/// `block_q8_K`: `d` f32, `qs[256]` i8, `bsums[16]` i16 (sums of 16 values each).
-pub const Q8_K_BLOCK: usize = 292;
-const Q8_K_QS: usize = 4;
-const Q8_K_BSUMS: usize = 260;
 
 /// ggml's `get_scale_shuffle`: shuffle `i` spreads scale bytes 2i and 2i+1 over 8 bytes each.
 static SCALE_SHUFFLE: [[u8; 16]; 8] = {
