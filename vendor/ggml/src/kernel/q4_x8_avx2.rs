@@ -92,13 +92,14 @@ pub unsafe fn q4_0x8_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const 
         for r in 0..R {
             let y = ys[r].add(b * Q8_0_BLOCK);
             let a = y.add(2);
-            let mut iacc = _mm256_setzero_si256();
+            // |w| <= 8 and |a| <= 128: each 16-bit lane sums 8 pairs of products, <= 16 * 8 * 128 = 16384, so
+            // the pairs are widened to 32 bits once per block rather than once per chunk as in ggml (the same sums).
+            let mut iacc16 = _mm256_setzero_si256();
             for c in 0..8 {
-                // |w| <= 8 and |a| <= 127: each 16-bit pair sum <= 2032, summed in 32 bits (ggml's
-                // `mul_sum_us8_pairs_acc_int32x8` on AVX2).
                 let sy = _mm256_sign_epi8(broadcast4(a.add(4 * c)), sgn_w[c]);
-                iacc = _mm256_add_epi32(iacc, _mm256_madd_epi16(_mm256_maddubs_epi16(abs_w[c], sy), ones));
+                iacc16 = _mm256_add_epi16(iacc16, _mm256_maddubs_epi16(abs_w[c], sy));
             }
+            let iacc = _mm256_madd_epi16(iacc16, ones);
             let row_scale = _mm256_set1_ps(f16_at(y));
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc), _mm256_mul_ps(col_scale, row_scale), acc[r]);
         }
