@@ -20,8 +20,11 @@ pub const MAX_ROWS: usize = 7;
 
 /// `block_q8_K` (ggml-common.h), the activations' type for K-quant weights: `d` f32, `qs[256]` i8 at 4, `bsums[16]`
 /// i16 at 260 (sums of 16 values each).
+#[cfg(target_arch = "x86_64")]
 const Q8_K_BLOCK: usize = 292;
+#[cfg(target_arch = "x86_64")]
 const Q8_K_QS: usize = 4;
+#[cfg(target_arch = "x86_64")]
 const Q8_K_BSUMS: usize = 260;
 
 /// Which of asagi-gguf's kernels `mul_mat_few` runs for a weight.
