@@ -102,7 +102,7 @@ pub fn multi_row_kernel(w: Tensor<'_>, x: Tensor<'_>) -> Option<MultiRowKernel> 
     match (w.ty(), buffer_name(w)?.as_str()) {
         (Type::Q6K, "CPU" | "CPU_Mapped") => Some(MultiRowKernel::Q6K),
         // At exactly 4 rows ggml's repacked GEMM already unpacks each weight once: measured level with ours
-        // (4B Q4_K_M 209 vs 211 ms a step, Q4_0 213 vs 234, medians of 5 alternating), so it keeps them.
+        // (ggml vs ours: 4B Q4_K_M 209 vs 211 ms a step, Q4_0 213 vs 234, medians of 5 alternating), so it keeps them.
         (Type::Q4_0 | Type::Q4K, "CPU_REPACK") if repacked_8x8(w) && rows != 4 => Some(MultiRowKernel::Repacked8),
         _ => None,
     }
