@@ -99,26 +99,26 @@ pub fn multi_row_kernel(w: Tensor<'_>, x: Tensor<'_>) -> Option<MultiRowKernel> 
     if !shapes || !cpu_has_avx2_fma() {
         return None;
     }
-    match (w.ty(), buffer_name(w)?.as_str()) {
-        (Type::Q6K, "CPU" | "CPU_Mapped") => Some(MultiRowKernel::Q6K),
+    match (w.ty(), buffer_name(w)?) {
+        (Type::Q6K, b"CPU" | b"CPU_Mapped") => Some(MultiRowKernel::Q6K),
         // At exactly 4 rows ggml's repacked GEMM already unpacks each weight once: measured level with ours
         // (ggml vs ours: 4B Q4_K_M 209 vs 211 ms a step, Q4_0 213 vs 234, medians of 5 alternating), so it keeps them.
-        (Type::Q4_0 | Type::Q4K, "CPU_REPACK") if repacked_8x8(w) && rows != 4 => Some(MultiRowKernel::Repacked8),
+        (Type::Q4_0 | Type::Q4K, b"CPU_REPACK") if repacked_8x8(w) && rows != 4 => Some(MultiRowKernel::Repacked8),
         _ => None,
     }
 }
 
 /// The name of the buffer type holding `t`'s data (where the CPU backend computes on "CPU", "CPU_Mapped" and
 /// "CPU_REPACK"; a GPU's or an RPC server's otherwise); None when it has no data.
-fn buffer_name(t: Tensor<'_>) -> Option<String> {
+fn buffer_name(t: Tensor<'_>) -> Option<&'static [u8]> {
     let buffer = t.raw_buffer();
     if buffer.is_null() || t.data_ptr().is_null() {
         return None;
     }
-    // SAFETY: a live tensor's buffer (non-null, checked) and its type's static name string.
+    // SAFETY: a live tensor's buffer (non-null, checked); buffer types' names are static strings in ggml.
     let name =
         unsafe { std::ffi::CStr::from_ptr(sys::ggml_backend_buft_name(sys::ggml_backend_buffer_get_type(buffer))) };
-    Some(name.to_string_lossy().into_owned())
+    Some(name.to_bytes())
 }
 
 /// A Q4_0 / Q4_K weight in the CPU_REPACK buffer is in ggml's 8-row interleaved layout when ggml gave it repack
