@@ -177,9 +177,8 @@ fn peer_tg(ctx: &mut LlamaContext<'_>, ctx_len: usize, n: usize, n_vocab: usize)
     n as f64 / t.elapsed().as_secs_f64()
 }
 
-/// Milliseconds per step of a batch of 5 sequences sharing a `ctx_len` prompt (the model part of a beam step).
 /// llama.cpp's decode step of `rows` sequences (ms, mean over `n` steps) after a `ctx_len`-token prefill copied to
-/// each: what `bench::batch_step_ms` measures on our side.
+/// each: what `bench::batch_step_ms` measures on our side (5 rows: the model part of a beam step).
 fn peer_batch(ctx: &mut LlamaContext<'_>, ctx_len: usize, n: usize, n_vocab: usize, rows: usize) -> f64 {
     peer_prefill(ctx, &bench::tokens(ctx_len, n_vocab));
     for s in 1..rows as i32 {
