@@ -108,11 +108,12 @@ fn quantize_refuses_bad_shapes_and_missing_imatrix() {
     assert!(ggml::quantize(Type::IQ2XXS, &[0.5; 256], 256, Some(&imatrix)).is_ok());
 }
 
-/// `mul_mat_few` (asagi-gguf's multi-row kernels for 2 to 7 activation rows, x86-64 with AVX2: Q6_K in CPU memory,
-/// Q4_0 and Q4_K repacked by ggml) against ggml's `mul_mat` on the same weights: equal bit for bit for every row
-/// count from 1 to 9 (1 is ggml's one-row path; 4 and 8 its repacked 4-row kernel, which ours leaves alone, 5-7
-/// that kernel plus one-row products; 8 and 9 its tiled Q6_K kernel), row lengths of 1, 3 and 32 blocks of 256 (the 4B model's 3072 and
-/// 8192), weight-row counts that do not split evenly over the threads, and 1 to 3 threads. A layout or order
+/// `mul_mat_few` (asagi-gguf's multi-row kernels for 2 to 7 activation rows, x86-64 with AVX2: Q6_K and Q8_0 in CPU
+/// memory, Q4_0 and Q4_K repacked by ggml) against ggml's `mul_mat` on the same weights: equal bit for bit for every
+/// row count from 1 to 9 (1 is ggml's one-row path; 4 and 8 its repacked 4-row kernel, which ours leaves alone, 5-7
+/// that kernel plus one-row products; 8 and 9 its tiled Q6_K kernel; 2 and more llamafile's tinyBLAS for Q8_0), row
+/// lengths of 1, 3, 12 and 32 blocks of 256 (the 4B model's 3072 and 8192), weight-row counts that do not split
+/// evenly over the threads, and 1 to 3 threads. A layout or order
 /// mistake would differ in most outputs; a wrong block or row offset by ~1 relative.
 #[test]
 fn multi_row_kernels_equal_ggml_bit_for_bit() {
@@ -125,7 +126,11 @@ fn multi_row_kernels_equal_ggml_bit_for_bit() {
     eprintln!("multi-row kernels on this CPU: {avx2} ({})", ggml::cpu_features());
     let repack = BufferType::cpu_extra().into_iter().find(|b| b.name() == "CPU_REPACK");
     // (weight type, buffer type: None a plain CPU buffer, the kernel expected on an AVX2 CPU).
-    let mut cases = vec![(Type::Q6K, None, Some(MultiRowKernel::Q6K)), (Type::Q4K, None, None)];
+    let mut cases = vec![
+        (Type::Q6K, None, Some(MultiRowKernel::Q6K)),
+        (Type::Q8_0, None, Some(MultiRowKernel::Q8_0)),
+        (Type::Q4K, None, None),
+    ];
     for ty in [Type::Q4_0, Type::Q4K] {
         // ggml repacks these on x86-64 with AVX2 (and on ARM, where our kernels are not built).
         let probe = Context::new(1, 0).unwrap();
@@ -134,7 +139,7 @@ fn multi_row_kernels_equal_ggml_bit_for_bit() {
         }
     }
     #[cfg(target_arch = "x86_64")]
-    assert!(!avx2 || cases.len() == 4, "ggml repacks Q4_0 and Q4_K on an AVX2 CPU");
+    assert!(!avx2 || cases.len() == 5, "ggml repacks Q4_0 and Q4_K on an AVX2 CPU");
 
     // It never takes a weight with no data, 1 row or 8.
     let probe = Context::new(2, 0).unwrap();

@@ -10,6 +10,8 @@
 mod q4_x8_avx2;
 #[cfg(target_arch = "x86_64")]
 mod q6_k_avx2;
+#[cfg(target_arch = "x86_64")]
+mod q8_0_avx2;
 
 use crate::{sys, Context, Tensor, Type};
 
@@ -26,12 +28,36 @@ const Q8_K_BLOCK: usize = 292;
 const Q8_K_QS: usize = 4;
 #[cfg(target_arch = "x86_64")]
 const Q8_K_BSUMS: usize = 260;
+/// `block_q8_0` (ggml-common.h): `d` f16, `qs[32]` i8; Q8_0 weights' type and Q4_0's activations' type.
+#[cfg(target_arch = "x86_64")]
+const Q8_0_BLOCK: usize = 34;
+
+/// The f16 at `p` (two readable bytes inside a block) as f32; the conversion is exact.
+#[cfg(target_arch = "x86_64")]
+fn f16_at(p: *const u8) -> f32 {
+    // SAFETY: callers pass a pointer to two readable bytes inside a block.
+    half::f16::from_bits(u16::from_le_bytes(unsafe { [*p, *p.add(1)] })).to_f32()
+}
+
+/// ggml's `hsum_float_8` (and llamafile sgemm's `hsum` of a `__m256`), in their order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum_float_8(x: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let mut res = _mm256_extractf128_ps(x, 1);
+    res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+    res = _mm_add_ss(res, _mm_movehdup_ps(res));
+    _mm_cvtss_f32(res)
+}
 
 /// Which of asagi-gguf's kernels `mul_mat_few` runs for a weight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MultiRowKernel {
     /// Q6_K in a plain CPU buffer (allocated, or a mapped file).
     Q6K,
+    /// Q8_0 in a plain CPU buffer.
+    Q8_0,
     /// Q4_0 or Q4_K repacked by ggml's CPU_REPACK buffer into blocks of eight interleaved rows.
     Repacked8,
 }
@@ -52,7 +78,7 @@ impl Context {
         // but MUL_MAT on a CPU_REPACK source (`supports_op`), so the scheduler would find no backend for it. The
         // weight is a leaf that nothing computes, so the graph loses no dependency by not naming it.
         let (mut args, n_args, userdata) = match kernel {
-            MultiRowKernel::Q6K => ([w.as_ptr(), x.as_ptr()], 2, std::ptr::null_mut()),
+            MultiRowKernel::Q6K | MultiRowKernel::Q8_0 => ([w.as_ptr(), x.as_ptr()], 2, std::ptr::null_mut()),
             MultiRowKernel::Repacked8 => ([x.as_ptr(), std::ptr::null_mut()], 1, w.as_ptr().cast()),
         };
         // SAFETY: the tensors are live (their contexts outlive 'a, and the weight, named by `userdata`, lives in
@@ -101,6 +127,7 @@ pub fn multi_row_kernel(w: Tensor<'_>, x: Tensor<'_>) -> Option<MultiRowKernel> 
     }
     match (w.ty(), buffer_name(w)?) {
         (Type::Q6K, b"CPU" | b"CPU_Mapped") => Some(MultiRowKernel::Q6K),
+        (Type::Q8_0, b"CPU" | b"CPU_Mapped") => Some(MultiRowKernel::Q8_0),
         // At exactly 4 rows ggml's repacked GEMM already unpacks each weight once: measured level with ours
         // (ggml vs ours: 4B Q4_K_M 209 vs 211 ms a step, Q4_0 213 vs 234, medians of 5 alternating), so it keeps them.
         (Type::Q4_0 | Type::Q4K, b"CPU_REPACK") if repacked_8x8(w) && rows != 4 => Some(MultiRowKernel::Repacked8),
@@ -159,7 +186,7 @@ thread_local! {
 #[cfg(target_arch = "x86_64")]
 unsafe extern "C" fn rows_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, userdata: *mut std::ffi::c_void) {
     // SAFETY (whole function): ggml calls this with the node `rows_node` made: the weight `w` [k, m] is its first
-    // source (Q6_K in CPU memory) or its `userdata` (Q4_0 / Q4_K repacked, 8 | m); `x` [k, rows] F32 with
+    // source (Q6_K or Q8_0 in CPU memory) or its `userdata` (Q4_0 / Q4_K repacked, 8 | m); `x` [k, rows] F32 with
     // 2 <= rows <= MAX_ROWS and `dst` [m, rows] F32, all allocated (checked by `multi_row_kernel` when the node
     // was made; ggml's scheduler allocated dst and x). k is a multiple of the weight's block size. Threads write
     // disjoint ranges of weight rows.
@@ -180,7 +207,7 @@ unsafe extern "C" fn rows_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, use
             from_float(src, buf.as_mut_ptr().add(r * row_words).cast(), k as i64);
         }
         let y = |r: usize| buf.as_ptr().add(r.min(rows - 1) * row_words).cast::<u8>();
-        // Q6_K: ranges of weight rows; repacked: of groups of 8 rows.
+        // Q6_K, Q8_0: ranges of weight rows; repacked: of groups of 8 rows.
         let units = if userdata.is_null() { m } else { m / 8 };
         let range = (units * ith as usize / nth as usize)..(units * (ith as usize + 1) / nth as usize);
         macro_rules! run {
@@ -189,10 +216,15 @@ unsafe extern "C" fn rows_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, use
                 let out = |r: usize, i: usize| d.data.cast::<u8>().add(r * d.nb[1] + i * 4).cast::<f32>();
                 let w_data = w.data.cast::<u8>();
                 match w.type_ {
-                    sys::GGML_TYPE_Q6_K => {
+                    sys::GGML_TYPE_Q6_K | sys::GGML_TYPE_Q8_0 => {
                         let mut o = [0f32; $r];
                         for i in range {
-                            q6_k_avx2::dot_rows::<$r>(k / 256, w_data.add(i * w.nb[1]), &ys, &mut o);
+                            let row = w_data.add(i * w.nb[1]);
+                            if w.type_ == sys::GGML_TYPE_Q6_K {
+                                q6_k_avx2::dot_rows::<$r>(k / 256, row, &ys, &mut o);
+                            } else {
+                                q8_0_avx2::dot_rows::<$r>(k / 32, row, &ys, &mut o);
+                            }
                             for (r, v) in o.iter().enumerate() {
                                 out(r, i).write(*v);
                             }

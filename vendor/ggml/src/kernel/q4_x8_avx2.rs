@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
+use super::{f16_at, Q8_0_BLOCK, Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
 
 /// `block_q4_0x8`: `d[8]` f16 (the eight rows' scales), `qs[128]`: per row 32 4-bit values, interleaved 8 bytes at
 /// a time and stored as `nibble ^ 8` (signed nibbles), repack.cpp's `make_block_q4_0x8`.
@@ -22,14 +22,6 @@ const Q4_0X8_BLOCK: usize = 144;
 /// scales and mins for each sub-block), `qs[1024]` (8 bytes at a time per row; low nibbles the even sub-block,
 /// high nibbles the odd one).
 const Q4_KX8_BLOCK: usize = 1152;
-/// `block_q8_0`: `d` f16, `qs[32]` i8.
-const Q8_0_BLOCK: usize = 34;
-
-fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: callers pass a pointer to two readable bytes inside a block.
-    half::f16::from_bits(u16::from_le_bytes(unsafe { [*p, *p.add(1)] })).to_f32()
-}
-
 /// The eight f16 scales at `p` as f32, in the lane order of ggml's interleaved products (rows 0 4 1 5 2 6 3 7:
 /// its `GGML_F32Cx8_REARRANGE_LOAD` with `deltamask`); the conversion is exact.
 #[target_feature(enable = "avx2")]

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
+use super::{hsum_float_8, Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
 
 /// `block_q6_K`: `ql[128]` low 4 bits, `qh[64]` high 2 bits, `scales[16]` i8, `d` f16 (ggml-common.h).
 const Q6_K_BLOCK: usize = 210;
@@ -32,16 +32,6 @@ static SCALE_SHUFFLE: [[u8; 16]; 8] = {
     }
     t
 };
-
-/// ggml's `hsum_float_8`, in its order.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum_float_8(x: __m256) -> f32 {
-    let mut res = _mm256_extractf128_ps(x, 1);
-    res = _mm_add_ps(res, _mm256_castps256_ps128(x));
-    res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-    res = _mm_add_ss(res, _mm_movehdup_ps(res));
-    _mm_cvtss_f32(res)
-}
 
 /// Dot products of one Q6_K weight row (`nb` blocks at `w`) with `R` Q8_K activation rows (`nb` blocks each at
 /// `ys[r]`), written to `out[r]`.
