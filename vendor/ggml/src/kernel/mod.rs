@@ -32,16 +32,27 @@ const Q8_K_BSUMS: usize = 260;
 #[cfg(target_arch = "x86_64")]
 const Q8_0_BLOCK: usize = 34;
 
-/// The f16 at `p` (two readable bytes inside a block) as f32; the conversion is exact.
+/// The f16 at `p` (two readable bytes inside a block) as f32 (exact), by the F16C instruction, inlined into the
+/// kernels in every build: `half` converts inline only where the whole crate is compiled for F16C, and otherwise
+/// (a build for baseline x86-64) checks for it at run time on each call, in the kernels' innermost loops.
 #[cfg(target_arch = "x86_64")]
-fn f16_at(p: *const u8) -> f32 {
-    // SAFETY: callers pass a pointer to two readable bytes inside a block.
-    half::f16::from_bits(u16::from_le_bytes(unsafe { [*p, *p.add(1)] })).to_f32()
+#[target_feature(enable = "f16c")]
+unsafe fn f16_at(p: *const u8) -> f32 {
+    use std::arch::x86_64::*;
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(p.cast::<u16>().read_unaligned()))))
+}
+
+/// Eight f16 bit patterns as f32 lanes (exact).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn f16x8(v: [u16; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtph_ps(_mm_loadu_si128(v.as_ptr().cast()))
 }
 
 /// ggml's `hsum_float_8` (and llamafile sgemm's `hsum` of a `__m256`), in their order.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn hsum_float_8(x: std::arch::x86_64::__m256) -> f32 {
     use std::arch::x86_64::*;
     let mut res = _mm256_extractf128_ps(x, 1);
@@ -164,7 +175,10 @@ fn repacked_8x8(w: Tensor<'_>) -> bool {
 fn cpu_has_avx2_fma() -> bool {
     // SAFETY: feature probes without arguments (what ggml was compiled for).
     let ggml_avx2 = unsafe { sys::ggml_cpu_has_avx2() != 0 && sys::ggml_cpu_has_fma() != 0 };
-    ggml_avx2 && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    ggml_avx2
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -197,14 +211,23 @@ unsafe extern "C" fn rows_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, use
     let q8_type = (*sys::ggml_get_type_traits_cpu(w.type_)).vec_dot_type;
     let Some(from_float) = (*sys::ggml_get_type_traits_cpu(q8_type)).from_float else { return };
     let row_words = sys::ggml_row_size(q8_type, k as i64).div_ceil(4);
+    // After the rows, for a Q8_0 weight: the activations' scales as f32, eight per block (`q8_0_avx2::dot_rows`).
+    let scales_at = rows * row_words;
+    let q8_0_blocks = if w.type_ == sys::GGML_TYPE_Q8_0 { k / 32 } else { 0 };
     Q8_ROWS.with(|buf| {
         let mut buf = buf.borrow_mut();
-        if buf.len() < rows * row_words {
-            buf.resize(rows * row_words, 0);
+        if buf.len() < scales_at + 8 * q8_0_blocks {
+            buf.resize(scales_at + 8 * q8_0_blocks, 0);
         }
         for r in 0..rows {
             let src = x.data.cast::<u8>().add(r * x.nb[1]).cast::<f32>();
             from_float(src, buf.as_mut_ptr().add(r * row_words).cast(), k as i64);
+        }
+        for b in 0..q8_0_blocks {
+            for r in 0..8 {
+                let block = buf.as_ptr().add(r.min(rows - 1) * row_words).cast::<u8>().add(b * Q8_0_BLOCK);
+                buf[scales_at + 8 * b + r] = if r < rows { f16_at(block).to_bits() } else { 0 };
+            }
         }
         let y = |r: usize| buf.as_ptr().add(r.min(rows - 1) * row_words).cast::<u8>();
         // Q6_K, Q8_0: ranges of weight rows; repacked: of groups of 8 rows.
@@ -223,7 +246,8 @@ unsafe extern "C" fn rows_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, use
                             if w.type_ == sys::GGML_TYPE_Q6_K {
                                 q6_k_avx2::dot_rows::<$r>(k / 256, row, &ys, &mut o);
                             } else {
-                                q8_0_avx2::dot_rows::<$r>(k / 32, row, &ys, &mut o);
+                                let yd = buf.as_ptr().add(scales_at).cast::<f32>();
+                                q8_0_avx2::dot_rows::<$r>(k / 32, row, &ys, yd, &mut o);
                             }
                             for (r, v) in o.iter().enumerate() {
                                 out(r, i).write(*v);

@@ -13,7 +13,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16_at, Q8_0_BLOCK, Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
+use super::{f16_at, f16x8, Q8_0_BLOCK, Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
 
 /// `block_q4_0x8`: `d[8]` f16 (the eight rows' scales), `qs[128]`: per row 32 4-bit values, interleaved 8 bytes at
 /// a time and stored as `nibble ^ 8` (signed nibbles), repack.cpp's `make_block_q4_0x8`.
@@ -24,16 +24,15 @@ const Q4_0X8_BLOCK: usize = 144;
 const Q4_KX8_BLOCK: usize = 1152;
 /// The eight f16 scales at `p` as f32, in the lane order of ggml's interleaved products (rows 0 4 1 5 2 6 3 7:
 /// its `GGML_F32Cx8_REARRANGE_LOAD` with `deltamask`); the conversion is exact.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn scales_0415(p: *const u8) -> __m256 {
-    let v = [0, 4, 1, 5, 2, 6, 3, 7].map(|r| f16_at(p.add(2 * r)));
-    _mm256_loadu_ps(v.as_ptr())
+    f16x8([0, 4, 1, 5, 2, 6, 3, 7].map(|r| p.add(2 * r).cast::<u16>().read_unaligned()))
 }
 
 /// The two weight vectors of one 8-byte chunk per row (`lo`: rows 0-3, `hi`: rows 4-7), rearranged so that 32-bit
 /// lane `l` holds 4 weights of row 0 4 1 5 2 6 3 7 [l]: the first vector weights 0-3 of the chunk, the second 4-7.
 /// ggml's `blend(lo, shuffle(hi, 177))` / `blend(shuffle(lo, 177), hi)`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn interleave(lo: __m256i, hi: __m256i) -> [__m256i; 2] {
     [
         _mm256_blend_epi32::<170>(lo, _mm256_shuffle_epi32::<177>(hi)),
@@ -42,7 +41,7 @@ unsafe fn interleave(lo: __m256i, hi: __m256i) -> [__m256i; 2] {
 }
 
 /// The 4 activation bytes at `p` in every 32-bit lane.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn broadcast4(p: *const u8) -> __m256i {
     _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
 }
@@ -52,7 +51,7 @@ unsafe fn broadcast4(p: *const u8) -> __m256i {
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `w` points to `nb` readable `block_q4_0x8`, each `ys[r]` to `nb` readable Q8_0 blocks.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4_0x8_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const u8; R], out: &mut [[f32; 8]; R]) {
     // Signed nibble to byte: ggml's `signextendlut` (0..7 -> 0..7, 8..15 -> -8..-1).
     let lut = _mm256_setr_epi8(
@@ -101,7 +100,7 @@ pub unsafe fn q4_0x8_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const 
 
 /// Lanes back from row order 0 4 1 5 2 6 3 7 to 0..7 (ggml's `finalpermutemask`), minus `min` (natural order), into
 /// `out`.
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn store_0415<const R: usize>(acc: &[__m256; R], min: Option<&[__m256; R]>, out: &mut [[f32; 8]; R]) {
     let perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     for r in 0..R {
@@ -140,7 +139,7 @@ fn scales_mins(p: *const u8) -> [u32; 4] {
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; `w` points to `nb` readable `block_q4_Kx8`, each `ys[r]` to `nb` readable Q8_K blocks.
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn q4_kx8_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const u8; R], out: &mut [[f32; 8]; R]) {
     let m4b = _mm256_set1_epi8(0x0F);
     // Each scale twice, rows in order 0 4 1 5 2 6 3 7 (ggml's `scalemask`).
@@ -152,7 +151,7 @@ pub unsafe fn q4_kx8_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const 
         let blk = w.add(b * Q4_KX8_BLOCK);
         let (scales, qs) = (blk.add(32), blk.add(128));
         let col_scale = scales_0415(blk);
-        let col_dmin = _mm256_loadu_ps([0, 1, 2, 3, 4, 5, 6, 7].map(|r| f16_at(blk.add(16 + 2 * r))).as_ptr());
+        let col_dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast()));
         let mut iacc_b = [_mm256_setzero_si256(); R];
         let mut iacc_min_b = [_mm256_setzero_si256(); R];
         for sb in 0..4 {

@@ -10,7 +10,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{hsum_float_8, Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
+use super::{f16_at, hsum_float_8, Q8_K_BLOCK, Q8_K_BSUMS, Q8_K_QS};
 
 /// `block_q6_K`: `ql[128]` low 4 bits, `qh[64]` high 2 bits, `scales[16]` i8, `d` f16 (ggml-common.h).
 const Q6_K_BLOCK: usize = 210;
@@ -39,14 +39,14 @@ static SCALE_SHUFFLE: [[u8; 16]; 8] = {
 /// # Safety
 /// The CPU has AVX2 and FMA; `w` points to `nb` readable Q6_K blocks, each `ys[r]` to `nb` readable Q8_K blocks
 /// (4-byte aligned, as ggml's quantizer writes them).
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 pub unsafe fn dot_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const u8; R], out: &mut [f32; R]) {
     let m3 = _mm256_set1_epi8(3);
     let m15 = _mm256_set1_epi8(15);
     let mut acc = [_mm256_setzero_ps(); R];
     for i in 0..nb {
         let x = w.add(i * Q6_K_BLOCK);
-        let xd = half::f16::from_bits(u16::from_le_bytes([*x.add(Q6_K_D), *x.add(Q6_K_D + 1)])).to_f32();
+        let xd = f16_at(x.add(Q6_K_D));
         let scales = _mm_loadu_si128(x.add(Q6_K_SCALES).cast());
         let scales_16 = _mm256_cvtepi8_epi16(scales);
         let mut sumi = [_mm256_setzero_si256(); R];
