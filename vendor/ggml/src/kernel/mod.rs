@@ -4,7 +4,8 @@
 //! `Context::mul_mat_few` is ggml's `mul_mat` but for 2 to 7 activation rows (a beam step's or a small batch's
 //! matrix products) on an AVX2 CPU, where ggml unpacks every weight once per row or per row left over after its
 //! 4-row kernel: a Q6_K weight in CPU memory (`q6_k_avx2`), or a Q4_0 / Q4_K weight that ggml repacked for its
-//! interleaved kernels (`q4_x8_avx2`; not at 4 rows, where its own kernel unpacks once).
+//! interleaved kernels (`q4_x8_avx2`; not at 4 rows, where its own kernel unpacks once), or where ggml reads a
+//! Q8_0 weight twice (`q8_0_avx2`).
 
 #[cfg(target_arch = "x86_64")]
 mod q4_x8_avx2;
@@ -138,11 +139,26 @@ pub fn multi_row_kernel(w: Tensor<'_>, x: Tensor<'_>) -> Option<MultiRowKernel> 
     }
     match (w.ty(), buffer_name(w)?) {
         (Type::Q6K, b"CPU" | b"CPU_Mapped") => Some(MultiRowKernel::Q6K),
-        (Type::Q8_0, b"CPU" | b"CPU_Mapped") => Some(MultiRowKernel::Q8_0),
+        (Type::Q8_0, b"CPU" | b"CPU_Mapped") if q8_0_read_twice_by_ggml(rows) => Some(MultiRowKernel::Q8_0),
         // At exactly 4 rows ggml's repacked GEMM already unpacks each weight once: measured level with ours
         // (ggml vs ours: 4B Q4_K_M 209 vs 211 ms a step, Q4_0 213 vs 234, medians of 5 alternating), so it keeps them.
         (Type::Q4_0 | Type::Q4K, b"CPU_REPACK") if repacked_8x8(w) && rows != 4 => Some(MultiRowKernel::Repacked8),
         _ => None,
+    }
+}
+
+/// The row counts for which ggml's tinyBLAS walks a Q8_0 matrix twice (its `mnpack` covers the rows with a run of
+/// equal tiles, then a smaller one): 3, 5 and 7 where ggml was built for AVX2 (16 vector registers, tiles of 2
+/// rows), 5, 6 and 7 where for AVX-512 (32 registers, tiles of 4). At the other counts it reads each weight once, as
+/// ours does, and spends no more per block: `benches/kernels.rs` (3072 x 24576, medians of 31 alternating runs)
+/// measured ours at 1.03-1.76x ggml's time for 2 rows on the AVX2 build, 0.92-1.32x for 2 to 4 rows on the AVX-512
+/// one, so those stay with ggml; where it walks twice ours took 0.59-0.96x its time.
+fn q8_0_read_twice_by_ggml(rows: usize) -> bool {
+    // SAFETY: a feature probe without arguments (what ggml was compiled for).
+    if unsafe { sys::ggml_cpu_has_avx512() } != 0 {
+        matches!(rows, 5..=7)
+    } else {
+        matches!(rows, 3 | 5 | 7)
     }
 }
 

@@ -3,7 +3,7 @@
 //! ggml hands a Q8_0 weight times 2 or more rows to llamafile's tinyBLAS (`tinyBLAS_Q0_AVX`), which walks the
 //! matrix once per tile of 1, 2, 3 or 4 activation rows: on an AVX2 build (16 vector registers) 3, 5 and 7 rows
 //! take two passes over every weight (tiles of 2, then one of 1), on an AVX-512 build 5, 6 and 7 rows do (a tile
-//! of 4, then the rest). A Q8_0 4B model's weights are 4.4 GB, so a 5-beam step read them twice: 2.3x a greedy
+//! of 4, then the rest). A Q8_0 4B model's weights are 4.0 GB, so a 5-beam step read them twice: 2.3x a greedy
 //! step, measured. Hand written because it must be exact: per (weight row, activation row) it is the arithmetic of
 //! both tinyBLAS's tiles and ggml's one-row `ggml_vec_dot_q8_0_q8_0` (which agree with each other): 8 lanes of
 //! 4-product integer sums per block, one f32 product of the two scales, one fused multiply-add per block in block
@@ -13,9 +13,6 @@
 use std::arch::x86_64::*;
 
 use super::{f16_at, hsum_float_8, Q8_0_BLOCK};
-
-/// How far ahead of the block in use the weight row is fetched (a prefetch past the row's end is harmless).
-const PREFETCH_BYTES: usize = 1024;
 
 /// Dot products of one Q8_0 weight row (`nb` blocks at `w`) with `R` Q8_0 activation rows (`nb` blocks each at
 /// `ys[r]`), written to `out[r]`. `yd` holds the activation rows' scales as f32, eight per block (row r at `8b + r`),
@@ -40,9 +37,6 @@ pub unsafe fn dot_rows<const R: usize>(
     let mut d = [0f32; 8];
     for b in 0..nb {
         let x = w.add(b * Q8_0_BLOCK);
-        // With 2 to 7 rows of work per block the out-of-order window holds too few blocks' loads to hide the
-        // memory's latency (the profile showed the time on the first use of each weight load): fetch ahead.
-        _mm_prefetch::<_MM_HINT_T0>(x.add(PREFETCH_BYTES).cast());
         _mm256_storeu_ps(d.as_mut_ptr(), _mm256_mul_ps(_mm256_set1_ps(f16_at(x)), _mm256_loadu_ps(yd.add(8 * b))));
         let qx = _mm256_loadu_si256(x.add(2).cast());
         // |w| as unsigned bytes; each activation takes w's sign, so that |w| * sign(w) y = w y.
