@@ -151,8 +151,9 @@ pub fn multi_row_kernel(w: Tensor<'_>, x: Tensor<'_>) -> Option<MultiRowKernel> 
 /// equal tiles, then a smaller one): 3, 5 and 7 where ggml was built for AVX2 (16 vector registers, tiles of 2
 /// rows), 5, 6 and 7 where for AVX-512 (32 registers, tiles of 4). At the other counts it reads each weight once, as
 /// ours does, and spends no more per block: `benches/kernels.rs` (3072 x 24576, medians of 31 alternating runs)
-/// measured ours at 1.03-1.76x ggml's time for 2 rows on the AVX2 build, 0.92-1.32x for 2 to 4 rows on the AVX-512
-/// one, so those stay with ggml; where it walks twice ours took 0.59-0.96x its time.
+/// measured ours at 0.86-1.94x ggml's time for 2 rows on the AVX2 build (median 1.49x over 14 runs) and 0.85-1.42x
+/// for 2 to 4 rows on the AVX-512 one, so those stay with ggml; where it walks twice ours took 0.59-0.96x its time
+/// (once 1.07x).
 fn q8_0_read_twice_by_ggml(rows: usize) -> bool {
     // SAFETY: a feature probe without arguments (what ggml was compiled for).
     if unsafe { sys::ggml_cpu_has_avx512() } != 0 {
