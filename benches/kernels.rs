@@ -24,13 +24,7 @@ fn main() {
             "--types" => {
                 types = value()
                     .split(',')
-                    .map(|t| match t {
-                        "q8_0" => Type::Q8_0,
-                        "q6_k" => Type::Q6K,
-                        "q4_0" => Type::Q4_0,
-                        "q4_k" => Type::Q4K,
-                        other => panic!("--types: {other}? (q8_0, q6_k, q4_0, q4_k)"),
-                    })
+                    .map(|t| Type::parse(t).unwrap_or_else(|| panic!("--types: {t}? (q8_0, q6_k, q4_0, q4_k)")))
                     .collect()
             }
             "--rows" => rows = value().split(',').map(|r| r.parse().expect("--rows: numbers")).collect(),

@@ -68,7 +68,7 @@ unsafe fn hsum_float_8(x: std::arch::x86_64::__m256) -> f32 {
 pub enum MultiRowKernel {
     /// Q6_K in a plain CPU buffer (allocated, or a mapped file).
     Q6K,
-    /// Q8_0 in a plain CPU buffer.
+    /// Q8_0 in a plain CPU buffer, at the row counts ggml's tinyBLAS reads it twice.
     Q8_0,
     /// Q4_0 or Q4_K repacked by ggml's CPU_REPACK buffer into blocks of eight interleaved rows.
     Repacked8,
@@ -186,8 +186,8 @@ fn repacked_8x8(w: Tensor<'_>) -> bool {
     !extra.is_null() && w.ne()[1] % 8 == 0
 }
 
-/// The kernel's instructions are available, and ggml's own Q6_K dot product is its AVX2 one (so the results
-/// agree bit for bit).
+/// The kernels' instructions (AVX2, FMA, F16C) are available, and ggml's own Q6_K dot product is its AVX2 one (so
+/// the results agree bit for bit).
 #[cfg(target_arch = "x86_64")]
 fn cpu_has_avx2_fma() -> bool {
     // SAFETY: feature probes without arguments (what ggml was compiled for).
@@ -241,9 +241,9 @@ unsafe extern "C" fn rows_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, use
             from_float(src, buf.as_mut_ptr().add(r * row_words).cast(), k as i64);
         }
         for b in 0..q8_0_blocks {
-            for r in 0..8 {
-                let block = buf.as_ptr().add(r.min(rows - 1) * row_words).cast::<u8>().add(b * Q8_0_BLOCK);
-                buf[scales_at + 8 * b + r] = if r < rows { f16_at(block).to_bits() } else { 0 };
+            for r in 0..rows {
+                let block = buf.as_ptr().add(r * row_words).cast::<u8>().add(b * Q8_0_BLOCK);
+                buf[scales_at + 8 * b + r] = f16_at(block).to_bits();
             }
         }
         let y = |r: usize| buf.as_ptr().add(r.min(rows - 1) * row_words).cast::<u8>();

@@ -32,7 +32,7 @@ unsafe fn scales_0415(p: *const u8) -> __m256 {
 /// The two weight vectors of one 8-byte chunk per row (`lo`: rows 0-3, `hi`: rows 4-7), rearranged so that 32-bit
 /// lane `l` holds 4 weights of row 0 4 1 5 2 6 3 7 [l]: the first vector weights 0-3 of the chunk, the second 4-7.
 /// ggml's `blend(lo, shuffle(hi, 177))` / `blend(shuffle(lo, 177), hi)`.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2")]
 unsafe fn interleave(lo: __m256i, hi: __m256i) -> [__m256i; 2] {
     [
         _mm256_blend_epi32::<170>(lo, _mm256_shuffle_epi32::<177>(hi)),
@@ -41,7 +41,7 @@ unsafe fn interleave(lo: __m256i, hi: __m256i) -> [__m256i; 2] {
 }
 
 /// The 4 activation bytes at `p` in every 32-bit lane.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2")]
 unsafe fn broadcast4(p: *const u8) -> __m256i {
     _mm256_set1_epi32(p.cast::<i32>().read_unaligned())
 }
@@ -100,7 +100,7 @@ pub unsafe fn q4_0x8_rows<const R: usize>(nb: usize, w: *const u8, ys: &[*const 
 
 /// Lanes back from row order 0 4 1 5 2 6 3 7 to 0..7 (ggml's `finalpermutemask`), minus `min` (natural order), into
 /// `out`.
-#[target_feature(enable = "avx2,fma,f16c")]
+#[target_feature(enable = "avx2")]
 unsafe fn store_0415<const R: usize>(acc: &[__m256; R], min: Option<&[__m256; R]>, out: &mut [[f32; 8]; R]) {
     let perm = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
     for r in 0..R {

@@ -16,9 +16,8 @@ use super::{f16_at, hsum_float_8, Q8_0_BLOCK};
 
 /// Dot products of one Q8_0 weight row (`nb` blocks at `w`) with `R` Q8_0 activation rows (`nb` blocks each at
 /// `ys[r]`), written to `out[r]`. `yd` holds the activation rows' scales as f32, eight per block (row r at `8b + r`),
-/// so that one multiply gives a block's R scale products (each the f32 product ggml computes) and a broadcast from
-/// memory hands each row its own: the vector ports stay with the five instructions per block and row that ggml's
-/// kernels spend too (sign, two multiply-adds, a conversion, the fused multiply-add).
+/// so that one multiply gives a block's R scale products (each the f32 product ggml computes) and a broadcast hands
+/// each row its own, instead of a conversion and a multiply per block and row.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; `w` points to `nb` readable Q8_0 blocks, each `ys[r]` to `nb` readable Q8_0
