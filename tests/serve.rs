@@ -242,13 +242,17 @@ fn a_client_that_leaves_is_cancelled_and_a_full_queue_answers_503() {
     busy["stream"] = json!(true);
     let mut running = SseReader::open(&server, &busy);
     running.next().unwrap();
+    // The role chunk comes before the request is admitted: wait until it holds the slot, or it would itself be the
+    // queued request and the next one would take the queue's place (the request meant to be turned away would then
+    // wait behind the 1800-token answer).
+    server.wait_stats(30, "the slot taken", |s| s["slots_busy"] == 1 && s["queued"] == 0);
     let url = server.url("/v1/chat/completions");
     let short = json!({"messages": [user("こんにちは")], "max_tokens": 3});
     let queued = std::thread::spawn({
         let (url, short) = (url.clone(), short.clone());
         move || client(Duration::from_secs(300)).post(url).json(&short).send().unwrap().status().as_u16()
     });
-    server.wait_stats(5, "one request queued", |s| s["queued"] == 1);
+    server.wait_stats(30, "one request queued", |s| s["queued"] == 1);
     // (The 503 comes at once; the generous timeout is for a machine busy with the other tests' servers, where 5 s
     // was once not enough.)
     let r = client(Duration::from_secs(30)).post(&url).json(&short).send().unwrap();
