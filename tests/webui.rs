@@ -363,7 +363,12 @@ fn the_chat_page_in_a_browser() {
 
     // A busy server: another client's long answer holds the one slot and its second request the one place in the
     // queue (`--queue 1`), so the page's request gets 503, which it shows.
-    let long = json!({"messages": [{"role": "user", "content": "長い話"}], "max_tokens": 1500, "min_tokens": 1500,
+    // (The page is set up first and the other client's answer is nearly as long as the context allows: it must still
+    // run when the page asks, on a loaded machine too.)
+    set("#max-tokens", "16");
+    let answers = b.js("return document.querySelectorAll('.msg.assistant').length;", vec![]);
+    let completed = server.stats()["completed"].clone();
+    let long = json!({"messages": [{"role": "user", "content": "長い話"}], "max_tokens": 1900, "min_tokens": 1900,
                       "num_beams": 1, "temperature": 0, "stream": true});
     let other = || {
         let url = server.url("/v1/chat/completions");
@@ -375,8 +380,6 @@ fn the_chat_page_in_a_browser() {
     server.wait_stats(10, "the other client's answer running", |s| s["slots_busy"] == 1);
     let queued = other();
     server.wait_stats(10, "the other client's second request queued", |s| s["queued"] == 1);
-    set("#max-tokens", "16");
-    let answers = b.js("return document.querySelectorAll('.msg.assistant').length;", vec![]);
     b.type_into("#input", "\u{E007}");
     b.wait(
         "the busy error",
@@ -384,6 +387,7 @@ fn the_chat_page_in_a_browser() {
     );
     let s = server.stats();
     assert!(s["slots_busy"] == 1 && s["queued"] == 1, "the other client's requests still hold the server: {s}");
+    assert_eq!(s["completed"], completed, "the other client's long answer ended before the page asked");
     let error = b.js(&format!("return {LAST_ANSWER}.querySelector('.error').textContent;"), vec![]);
     assert!(error.as_str().unwrap().contains("503") && error.as_str().unwrap().contains("混雑"), "{error}");
     drop((running, queued));

@@ -2,7 +2,7 @@
 //! HTTP/1.1 client (reqwest) that reads streamed responses as they arrive.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -26,13 +26,13 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// `serve -m llm --mmproj mmproj -t 2` plus `args`, on a free port; waits until it listens.
+    /// `serve -m llm --mmproj mmproj -t 2` plus `args`, on a port the system picks (`--port 0`: a port picked here
+    /// and passed on could be taken by another test's listener in between); waits until it says it listens.
     pub fn start(llm: &Path, mmproj: &Path, args: &[&str]) -> Server {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serve.log");
         let child = super::asagi_gguf()
-            .args(["serve", "-t", "2", "--port", &port.to_string(), "--mmproj"])
+            .args(["serve", "-t", "2", "--port", "0", "--mmproj"])
             .arg(mmproj)
             .arg("-m")
             .arg(llm)
@@ -42,10 +42,14 @@ impl Server {
             .spawn()
             .unwrap();
         let key = args.windows(2).find(|w| w[0] == "--api-key").map(|w| w[1].to_string());
-        let mut server = Server { child, port, key, log, _dir: dir };
+        let mut server = Server { child, port: 0, key, log, _dir: dir };
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(60) {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // "listening on http://HOST:PORT (...)", printed once the socket is bound.
+            let log = server.log();
+            if let Some(rest) = log.lines().find_map(|l| l.strip_prefix("listening on http://")) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                server.port = addr.rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{log}"));
                 return server;
             }
             if let Ok(Some(status)) = server.child.try_wait() {
@@ -53,7 +57,7 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("serve did not start listening on {port}: {}", server.log());
+        panic!("serve did not start listening within 60 s: {}", server.log());
     }
 
     pub fn url(&self, path: &str) -> String {
