@@ -220,8 +220,10 @@ fn all_choices(v: &Value) -> Value {
 fn a_client_that_leaves_is_cancelled_and_a_full_queue_answers_503() {
     let m = model();
     let mut server =
-        Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048", "--parallel", "1", "--queue", "1", "--no-webui"]);
-    let long = json!({"messages": [user("長い話")], "max_tokens": 1800, "min_tokens": 1800});
+        Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "8192", "--parallel", "1", "--queue", "1", "--no-webui"]);
+    // Long enough to be running still when each client leaves, on an idle machine too (the tiny model writes over
+    // 500 tokens a second); every one is cancelled, so its length costs nothing.
+    let long = json!({"messages": [user("長い話")], "max_tokens": 8000, "min_tokens": 8000});
     // The API only: no chat page.
     assert_eq!(client(Duration::from_secs(5)).get(server.url("/")).send().unwrap().status(), 404);
 
@@ -257,7 +259,7 @@ fn a_client_that_leaves_is_cancelled_and_a_full_queue_answers_503() {
     running.next().unwrap();
     // The role chunk comes before the request is admitted: wait until it holds the slot, or it would itself be the
     // queued request and the next one would take the queue's place (the request meant to be turned away would then
-    // wait behind the 1800-token answer).
+    // wait behind the long answer).
     server.wait_stats(30, "the slot taken", |s| s["slots_busy"] == 1 && s["queued"] == 0);
     let url = server.url("/v1/chat/completions");
     let short = json!({"messages": [user("こんにちは")], "max_tokens": 3});

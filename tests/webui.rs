@@ -207,7 +207,7 @@ const SYNTHETIC_FILE: &str = r#"
 fn the_chat_page_in_a_browser() {
     let dir = tempfile::tempdir().unwrap();
     let (llm, mmproj, image) = demo_model(dir.path());
-    let server = Server::start(&llm, &mmproj, &["-c", "2048", "--parallel", "1", "--queue", "1", "--api-key", KEY]);
+    let server = Server::start(&llm, &mmproj, &["-c", "4096", "--parallel", "1", "--queue", "1", "--api-key", KEY]);
 
     // The page itself needs no key and confines itself (scripts and requests from this server only).
     let page = client(Duration::from_secs(5)).get(server.url("/")).send().unwrap();
@@ -309,12 +309,12 @@ fn the_chat_page_in_a_browser() {
             vec![json!(field), json!(value)],
         );
     };
-    set("#max-tokens", "900");
-    set("#min-tokens", "900");
+    set("#max-tokens", "1800");
+    set("#min-tokens", "1800");
     let saved = b.js("return JSON.parse(localStorage.getItem('asagi.settings'));", vec![]);
     assert_eq!(
         (&saved["mode"], &saved["maxTokens"], &saved["minTokens"]),
-        (&json!("greedy"), &json!(900), &json!(900))
+        (&json!("greedy"), &json!(1800), &json!(1800))
     );
     b.js(
         "new MutationObserver((_, watch) => {
@@ -368,7 +368,7 @@ fn the_chat_page_in_a_browser() {
     set("#max-tokens", "16");
     let answers = b.js("return document.querySelectorAll('.msg.assistant').length;", vec![]);
     let completed = server.stats()["completed"].clone();
-    let long = json!({"messages": [{"role": "user", "content": "長い話"}], "max_tokens": 1900, "min_tokens": 1900,
+    let long = json!({"messages": [{"role": "user", "content": "長い話"}], "max_tokens": 3900, "min_tokens": 3900,
                       "num_beams": 1, "temperature": 0, "stream": true});
     let other = || {
         let url = server.url("/v1/chat/completions");

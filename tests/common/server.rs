@@ -26,13 +26,16 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// `serve -m llm --mmproj mmproj -t 2` plus `args`, on a port the system picks (`--port 0`: a port picked here
+    /// `serve -m llm --mmproj mmproj -t 1` plus `args`, on a port the system picks (`--port 0`: a port picked here
     /// and passed on could be taken by another test's listener in between); waits until it says it listens.
+    /// One thread: the harness runs two tests at once on CI's two cores, and two 2-thread servers there left ggml's
+    /// spinning barriers waiting out scheduler time slices (tests/serve.rs: 55 s with 2 threads, 3 s with 1). The
+    /// answers compared with `run` (2 threads) also check that the thread count does not change them.
     pub fn start(llm: &Path, mmproj: &Path, args: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("serve.log");
         let child = super::asagi_gguf()
-            .args(["serve", "-t", "2", "--port", "0", "--mmproj"])
+            .args(["serve", "-t", "1", "--port", "0", "--mmproj"])
             .arg(mmproj)
             .arg("-m")
             .arg(llm)
