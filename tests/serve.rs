@@ -268,8 +268,7 @@ fn a_client_that_leaves_is_cancelled_and_a_full_queue_answers_503() {
         move || client(Duration::from_secs(300)).post(url).json(&short).send().unwrap().status().as_u16()
     });
     server.wait_stats(30, "one request queued", |s| s["queued"] == 1);
-    // (The 503 comes at once; the generous timeout is for a machine busy with the other tests' servers, where 5 s
-    // was once not enough.)
+    // (The 503 comes at once; the bound is generous for a machine busy with the other tests' servers.)
     let r = client(Duration::from_secs(30)).post(&url).json(&short).send().unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
