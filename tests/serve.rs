@@ -151,8 +151,7 @@ fn answers_match_run_reuse_the_cache_and_stream() {
 fn events_arrive_while_the_answer_is_generated() {
     let m = model();
     let mut server = Server::start(&m.llm, &m.mmproj, &["--greedy", "-c", "2048"]);
-    let req =
-        json!({"messages": [user("長い話をしてください")], "max_tokens": 1500, "min_tokens": 1500, "stream": true});
+    let req = json!({"messages": [user("長い話をしてください")], "max_tokens": 500, "min_tokens": 500, "stream": true});
     let mut sse = SseReader::open(&server, &req);
     sse.next().unwrap(); // the role chunk
     let (first, t_first) = sse.next().unwrap();
@@ -161,6 +160,7 @@ fn events_arrive_while_the_answer_is_generated() {
     let busy = server.stats()["slots_busy"].as_u64().unwrap();
     let (_, reason, n) = sse.rest();
     let t_end = sse.start.elapsed();
+    eprintln!("{n} content events; the first at {t_first:?}, the end at {t_end:?}");
     assert_eq!(busy, 1, "the first event came after the generation ended (first at {t_first:?}, end at {t_end:?})");
     assert_eq!(reason, "length");
     assert!(n > 100, "{n} content events: the text was not streamed piece by piece");
