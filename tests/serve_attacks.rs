@@ -89,12 +89,13 @@ fn hostile_connections_and_requests_never_stop_the_server() {
     // More connections than allowed: the extra ones get 503 at once; the idle ones time out and free the server.
     let idle: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(("127.0.0.1", s.port)).unwrap()).collect();
     std::thread::sleep(Duration::from_millis(200));
-    let r = s.raw(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", quick);
+    let health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let r = s.raw(health, quick);
     assert_eq!(status_of(&r), 503, "{r:?}");
     // The idle ones are closed after the 2 s header timeout: the server answers again (bounded generously: the
     // timers run late on a loaded machine).
     let t = Instant::now();
-    while status_of(&s.raw(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", quick)) != 200 {
+    while status_of(&s.raw(health, quick)) != 200 {
         assert!(t.elapsed() < Duration::from_secs(15), "16 idle connections still held after {:?}", t.elapsed());
         std::thread::sleep(Duration::from_millis(100));
     }
